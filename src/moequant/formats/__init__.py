@@ -1,0 +1,1 @@
+"""Reference numerics in plain PyTorch: the single definition of every quantization step."""

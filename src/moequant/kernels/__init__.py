@@ -1,0 +1,60 @@
+"""Fast twins of ``moequant.formats`` with the same signatures and bit-identical results.
+
+This module is the only place that imports triton and picks a backend:
+  backend="auto"   -> triton when the tensor is on a CUDA device and triton imports, else the vectorized
+                      torch path (on any device);
+  backend="torch"  -> the vectorized torch path;
+  backend="triton" -> the Triton kernel; raises if the tensor is not on CUDA or triton is missing.
+Nothing falls back silently: the backend actually used is returned so it can be recorded in exports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (no CUDA device, or triton not installed)."""
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ("torch" or "triton") for ``backend`` on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "torch":
+        return "torch"
+    on_cuda = device.type == "cuda"
+    if backend == "triton":
+        if not on_cuda:
+            raise BackendUnavailable(f"backend='triton' needs a CUDA tensor, got one on {device}")
+        if not _triton_available():
+            raise BackendUnavailable("backend='triton' requested but triton is not installed")
+        return "triton"
+    return "triton" if on_cuda and _triton_available() else "torch"
+
+
+def search_block_scales(
+    w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse", backend: str = "auto"
+) -> tuple[torch.Tensor, str]:
+    """Block scales of ``w [..., N, K]`` (float8_e4m3fn ``[..., N, K/16]``) and the backend used.
+
+    Same contract as ``moequant.formats.mse.search_block_scales_reference``.
+    """
+    used = resolve_backend(backend, w.device)
+    if used == "triton":
+        from moequant.kernels import triton_mse
+
+        return triton_mse.search_block_scales(w, global_scale, method), used
+    from moequant.kernels import torch_mse
+
+    return torch_mse.search_block_scales(w, global_scale, method), used
