@@ -1,0 +1,1 @@
+"""Structural adapters: how a transformers model stores its quantizable weights."""

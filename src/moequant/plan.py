@@ -1,0 +1,79 @@
+"""What gets quantized, how, and in which group: plain frozen data, produced by ``discover``.
+
+Canonical weight view: every target is seen as ``[N, K]`` (a linear) or ``[E, N, K]`` (fused experts),
+``N`` = output features, ``K`` = input features (NVFP4 blocks run along ``K``). A parameter stored
+transposed (GPT-OSS, Llama4: ``[E, K, N]``) has ``transposed=True`` and is viewed through
+``weight.transpose(-1, -2)``; nothing is copied into the model.
+
+On-disk names: each target lists ``DiskSlice``s, the tensors a checkpoint holds for it (for fused experts
+``...experts.{e}.gate_proj.weight`` and so on), each a set of rows of the canonical view of one expert.
+They are derived from transformers' own save-time conversion (see ``models/disk_names.py``), so they are
+exactly the names ``save_pretrained`` would write.
+
+Global-scale sharing ("scale groups"): for a fused-experts target the unit is one expert (``[E]`` global
+scales), so an expert's gate and up rows, which live in the same expert slice of ``gate_up_proj``, share one
+global scale by construction. Linears that read the same input tensor (q/k/v, MLA q_a/kv_a, a dense MLP's
+gate/up) carry the same ``group`` id and share one global scale (the max of their amax values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+SCHEMES = ("nvfp4", "fp8")
+
+
+@dataclass(frozen=True)
+class DiskSlice:
+    """One checkpoint tensor of a target: rows ``range(*rows)`` of expert ``expert``'s canonical view."""
+
+    name: str                    # on-disk weight name, e.g. "model.layers.3.mlp.experts.7.up_proj.weight"
+    expert: int | None           # None: a plain linear, or a fused tensor written whole (all experts)
+    rows: tuple[int, int, int]   # (start, stop, step) along the canonical output dimension N
+    role: str = "linear"         # "linear" | "gate" | "up" | "down" | "gate_up"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One quantizable parameter of the model."""
+
+    key: str                     # f"{module_path}.{param_name}"
+    module_path: str
+    param_name: str
+    kind: str                    # "linear" | "experts"
+    shape: tuple[int, ...]       # canonical [N, K] or [E, N, K]
+    transposed: bool = False
+    layer: int | None = None     # index in the decoder-layer list, None outside it
+    scheme: str = "nvfp4"
+    group: str | None = None     # targets with the same group id share one global scale
+    slices: tuple[DiskSlice, ...] = ()
+
+    @property
+    def num_experts(self) -> int | None:
+        return self.shape[0] if self.kind == "experts" else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every target, the linears left unquantized, and the groups found from the dataflow."""
+
+    targets: tuple[Target, ...]
+    excluded: tuple[str, ...] = ()              # full module names of linear-like modules NOT quantized
+    groups: tuple[tuple[str, ...], ...] = ()    # target keys of each multi-member weight group
+    num_layers: int = 0
+    notes: tuple[str, ...] = field(default=())  # structural findings worth a line in the report
+
+    def target(self, key: str) -> Target:
+        for t in self.targets:
+            if t.key == key:
+                return t
+        raise KeyError(f"no target {key!r} in the plan")
+
+    def expert_targets(self) -> tuple[Target, ...]:
+        return tuple(t for t in self.targets if t.kind == "experts")
+
+    def with_targets(self, targets: tuple[Target, ...], excluded: tuple[str, ...]) -> "Plan":
+        """A copy with a filtered target list (recipes); groups keep only surviving members."""
+        keys = {t.key for t in targets}
+        groups = tuple(g for g in (tuple(k for k in grp if k in keys) for grp in self.groups) if len(g) > 1)
+        return replace(self, targets=targets, excluded=excluded, groups=groups)

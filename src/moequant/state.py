@@ -1,0 +1,98 @@
+"""Calibrated state as explicit data: scales per target, and per-on-disk-tensor records (views).
+
+Nothing here lives in the model: a ``QuantState`` is a plain object holding tensors keyed by target key,
+and ``records()`` slices them into one ``Record`` per on-disk tensor name (every expert's gate, up and down),
+sharing storage with the per-target tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moequant.plan import DiskSlice, Plan, Target
+
+
+@dataclass
+class TensorScales:
+    """Scales of one target. Leading ``[E]`` dimension for fused experts, none for a linear.
+
+    nvfp4: ``global_scale`` = weight_scale_2 (amax / 2688, group-shared), ``block_scale`` float8 [.., N, K/16].
+    fp8:   ``global_scale`` = per-tensor weight scale amax / 448 (group-shared), ``block_scale`` None.
+    ``input_scale`` (float32, same leading shape) is filled by activation calibration.
+    """
+
+    key: str
+    scheme: str
+    method: str
+    amax: torch.Tensor                 # own weight amax, before the group max
+    global_scale: torch.Tensor
+    block_scale: torch.Tensor | None
+    sq_error: torch.Tensor             # sum of squared weight error with the chosen scales, per expert
+    sq_error_max: torch.Tensor         # same with "max" block scales (the baseline MSE improves on)
+    sq_norm: torch.Tensor              # sum of squared weights, per expert (for relative error)
+    input_scale: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """The scales of one on-disk tensor (views into its target's ``TensorScales``)."""
+
+    name: str
+    target: str
+    expert: int | None
+    rows: tuple[int, int, int]
+    role: str
+    global_scale: torch.Tensor          # 0-d (or [E] for a fused tensor written whole)
+    block_scale: torch.Tensor | None    # [rows, K/16] (or [E, N, K/16])
+    input_scale: torch.Tensor | None
+
+
+def _rows(t: torch.Tensor, rows: tuple[int, int, int]) -> torch.Tensor:
+    start, stop, step = rows
+    return t[..., start:stop:step, :]
+
+
+def make_record(target: Target, s: DiskSlice, scales: TensorScales) -> Record:
+    def pick(x):
+        if x is None:
+            return None
+        return x if (s.expert is None) else x[s.expert]
+
+    block = scales.block_scale
+    if block is not None:
+        block = _rows(block if s.expert is None else block[s.expert], s.rows)
+    return Record(s.name, target.key, s.expert, s.rows, s.role, pick(scales.global_scale), block,
+                  pick(scales.input_scale))
+
+
+@dataclass(frozen=True)
+class KVScales:
+    """FP8 KV-cache scales of one attention module (float32 0-d tensors; 1.0 for "fp8-cast")."""
+
+    attention_path: str          # e.g. "model.layers.3.self_attn"
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+
+
+@dataclass
+class QuantState:
+    """The calibrated state of a model: plan, per-target scales, and how they were computed."""
+
+    plan: Plan
+    tensors: dict[str, TensorScales]
+    backend: str
+    method: str
+    kv_cache: dict[str, KVScales] = field(default_factory=dict)  # by attention path; empty: no KV quant
+    kv_scheme: str | None = None                                   # None | "fp8" | "fp8-cast"
+    notes: list[str] = field(default_factory=list)
+
+    def records(self) -> dict[str, Record]:
+        """One record per on-disk tensor name, in plan order."""
+        out = {}
+        for target in self.plan.targets:
+            scales = self.tensors[target.key]
+            for s in target.slices:
+                out[s.name] = make_record(target, s, scales)
+        return out
