@@ -82,8 +82,9 @@ def _expert_targets(c: ExpertsContainer, layers_path: str, names: dict) -> list[
             role = "down" if param == c.layout.down else {gate_rows: "gate", up_rows: "up"}.get(rows, "gate_up")
             slices.append(DiskSlice(name, expert, rows, role))
         k = c.hidden if param == c.layout.gate_up else c.intermediate
+        interleaved = c.layout.interleaved and param == c.layout.gate_up
         targets.append(Target(key, c.path, param, "experts", (c.num_experts, n, k), c.layout.transposed,
-                              layer_of(c.path, layers_path), slices=tuple(slices)))
+                              interleaved, layer_of(c.path, layers_path), slices=tuple(slices)))
     return targets
 
 
@@ -106,8 +107,8 @@ def discover(model: nn.Module, probe: dict | None = None) -> Plan:
     for path in linear_paths:
         key = f"{path}.weight"
         slices = tuple(DiskSlice(n, None, rows) for n, _, rows in names[key])
-        targets.append(Target(key, path, "weight", "linear", tuple(modules[path].weight.shape), False,
-                              layer_of(path, layers_path), group=group_of.get(path), slices=slices))
+        targets.append(Target(key, path, "weight", "linear", tuple(modules[path].weight.shape),
+                              layer=layer_of(path, layers_path), group=group_of.get(path), slices=slices))
     targets.sort(key=lambda t: (t.layer if t.layer is not None else len(layers), t.key))
     has_attention = any("attention" in type(m).__name__.lower() for m in modules.values())
     if has_attention and not groups:

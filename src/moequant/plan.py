@@ -43,6 +43,7 @@ class Target:
     kind: str                    # "linear" | "experts"
     shape: tuple[int, ...]       # canonical [N, K] or [E, N, K]
     transposed: bool = False
+    interleaved: bool = False    # fused gate_up with gate = rows 0::2, up = rows 1::2 (GPT-OSS)
     layer: int | None = None     # index in the decoder-layer list, None outside it
     scheme: str = "nvfp4"
     group: str | None = None     # targets with the same group id share one global scale

@@ -76,6 +76,16 @@ class KVScales:
     v_scale: torch.Tensor
 
 
+def _roles_of_fused(target: Target, s: DiskSlice) -> list[tuple[str, tuple[int, int, int]]]:
+    """(role, rows) of one expert inside a fused on-disk tensor: gate/up halves or interleaved, or down."""
+    if s.role == "down":
+        return [("down", s.rows)]
+    n = target.shape[1]
+    if target.interleaved:
+        return [("gate", (0, n, 2)), ("up", (1, n, 2))]
+    return [("gate", (0, n // 2, 1)), ("up", (n // 2, n, 1))]
+
+
 @dataclass
 class QuantState:
     """The calibrated state of a model: plan, per-target scales, and how they were computed."""
@@ -87,6 +97,25 @@ class QuantState:
     kv_cache: dict[str, KVScales] = field(default_factory=dict)  # by attention path; empty: no KV quant
     kv_scheme: str | None = None                                   # None | "fp8" | "fp8-cast"
     notes: list[str] = field(default_factory=list)
+
+    def expert_records(self) -> dict[str, Record]:
+        """One record per expert and projection (gate, up, down) of every fused-experts target.
+
+        Names are the on-disk names where the checkpoint stores experts separately; where transformers keeps
+        the tensor fused on disk (GPT-OSS), the view is named ``"<disk name>[<expert>].<role>"``.
+        """
+        out = {}
+        for target in self.plan.expert_targets():
+            scales = self.tensors[target.key]
+            for s in target.slices:
+                if s.expert is not None:
+                    out[s.name] = make_record(target, s, scales)
+                    continue
+                for e in range(target.shape[0]):
+                    for role, rows in _roles_of_fused(target, s):
+                        view = DiskSlice(f"{s.name}[{e}].{role}", e, rows, role)
+                        out[view.name] = make_record(target, view, scales)
+        return out
 
     def records(self) -> dict[str, Record]:
         """One record per on-disk tensor name, in plan order."""

