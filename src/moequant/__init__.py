@@ -3,16 +3,27 @@
 Public API (each stage takes and returns plain data):
     discover(model) -> Plan
     calibrate_weights(model, plan=None, scheme=None, method="mse", backend="auto") -> QuantState
+    load_recipe(name_or_path, **overrides) -> Recipe
+    quantize(model, recipe="nvfp4", calib=None, tokenizer=None, device=None) -> QuantResult
+    export(model, state, out_dir, format="modelopt" | "compressed-tensors", overwrite=False, source_dir=None,
+           recipe=None) -> Path
+    verify(path, reference=None) -> VerifyResult
 """
 
 from moequant.discover import discover
 from moequant.plan import DiskSlice, Plan, Target
 from moequant.quantize import calibrate_weights
 from moequant.state import KVScales, QuantState, Record, TensorScales
+from moequant.recipe import Recipe, load_recipe
+from moequant.pipeline import QuantResult, quantize
+from moequant.export import ExportError, export
+from moequant.verify import VerifyResult, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DiskSlice", "KVScales", "Plan", "QuantState", "Record", "Target", "TensorScales",
     "calibrate_weights", "discover",
+    "QuantResult", "Recipe", "load_recipe", "quantize",
+    "ExportError", "VerifyResult", "export", "verify",
 ]

@@ -15,10 +15,7 @@ from torch import nn
 
 from moequant import kernels
 from moequant.formats.fp8 import fp8_tensor_scale, quantize_fp8_tensor, dequantize_fp8_tensor
-from moequant.formats.nvfp4 import (
-    WeightError, check_weight, global_scale_from_amax, max_block_scales, tensor_amax, to_blocks,
-    weight_squared_error,
-)
+from moequant.formats.nvfp4 import WeightError, check_weight, global_scale_from_amax, tensor_amax
 from moequant.plan import Plan, Target
 from moequant.state import QuantState, TensorScales
 
@@ -74,9 +71,12 @@ def _per_expert_sum(x: torch.Tensor, kind: str) -> torch.Tensor:
 def _nvfp4_scales(target: Target, w, amax, shared_amax, method, backend) -> tuple[TensorScales, str]:
     gs = global_scale_from_amax(shared_amax)
     block, used = kernels.search_block_scales(w, gs, method, backend)
-    baseline = max_block_scales(to_blocks(w), gs) if method != "max" else block
-    err = _per_expert_sum(weight_squared_error(w, gs, block), target.kind)
-    err_max = _per_expert_sum(weight_squared_error(w, gs, baseline), target.kind) if method != "max" else err
+    err = _per_expert_sum(kernels.weight_squared_error(w, gs, block), target.kind)
+    if method != "max":
+        baseline, _ = kernels.search_block_scales(w, gs, "max", backend)
+        err_max = _per_expert_sum(kernels.weight_squared_error(w, gs, baseline), target.kind)
+    else:
+        err_max = err
     norm = _per_expert_sum(w.to(torch.float32).square(), target.kind)
     return TensorScales(target.key, "nvfp4", method, amax, gs, block, err, err_max, norm), used
 

@@ -31,7 +31,8 @@ def round_to_e4m3(x: torch.Tensor) -> torch.Tensor:
 def fp8_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
     """Per-tensor FP8 scale ``amax / 448`` (float32). A zero amax gives scale 1.0 (all values are zero)."""
     amax = amax.to(torch.float32)
-    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    divisor = torch.tensor(E4M3_MAX, dtype=torch.float32, device=amax.device)  # IEEE division on CUDA too
+    return torch.where(amax > 0, amax / divisor, torch.ones_like(amax))
 
 
 def quantize_fp8_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,17 @@ Every step is spelled out because fast twins (vectorized CPU, Triton) must repro
 Degenerate inputs, documented and deterministic:
   * amax == 0 (all-zero tensor or expert): global scale = 1 / 2688, i.e. as if amax were 1. All codes are 0
     and the tensor dequantizes to exact zeros.
-  * global scales are clamped below at 2^-126 (the smallest normal float32) so that ``scale_f32`` never
-    underflows into subnormals for a non-zero block scale of a tiny-but-non-zero tensor.
+  * global scales computed here are clamped below at 2^-126 (the smallest normal float32), so a tiny but
+    non-zero tensor never gets a zero global scale (its effective scales may still be fp32 subnormals,
+    which the arithmetic handles exactly like normals).
   * block scales are clamped below at the smallest positive E4M3 value (2^-9): a zero block gets 2^-9
     instead of 0, so every stored scale is finite and > 0 (engines and our verifier require it) and the
     block still dequantizes to zeros.
-Inputs in bf16/fp16/fp32 are converted to float32 first (exact). NaN/inf are rejected by ``check_weight``.
+Inputs in bf16/fp16/fp32 are converted to float32 first (exact). NaN/inf are rejected by ``check_weight``, and
+so are magnitudes above ``MAX_ABS`` (1e18), whose squared errors would overflow float32 in the MSE search.
+
+Every division is by a tensor, never a Python number: on CUDA, PyTorch turns ``x / 6.0`` into a multiply by
+a rounded reciprocal, which differs from IEEE division in the last bit for about a third of inputs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ from moequant.formats.fp8 import E4M3_MAX, E4M3_MIN_SUBNORMAL, round_to_e4m3
 BLOCK_SIZE = 16
 GLOBAL_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688
 MIN_GLOBAL_SCALE = 2.0**-126
+MAX_ABS = 1e18
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 0-d tensor on ``like``'s device (for IEEE divisions on every device)."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
 class WeightError(ValueError):
@@ -60,6 +71,10 @@ def check_weight(w: torch.Tensor, name: str) -> None:
             f"{name}: {count} non-finite value(s) (NaN or inf), first at index {bad}; the checkpoint is "
             "corrupt or was saved after a diverged step: fix the weights before quantizing"
         )
+    amax = float(w.abs().amax()) if w.numel() else 0.0
+    if amax > MAX_ABS:
+        raise WeightError(f"{name}: magnitude {amax:.3g} exceeds {MAX_ABS:.0e}; such weights are almost surely "
+                          "corrupt (and overflow the float32 error arithmetic): fix the checkpoint")
 
 
 def to_blocks(w: torch.Tensor) -> torch.Tensor:
@@ -76,7 +91,8 @@ def tensor_amax(w: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """``amax / (6 * 448)`` in float32, with the zero and underflow rules of the module docstring."""
     amax = amax.to(torch.float32)
-    gs = torch.where(amax > 0, amax / GLOBAL_DIVISOR, torch.full_like(amax, 1.0) / GLOBAL_DIVISOR)
+    divisor = _const(GLOBAL_DIVISOR, amax)
+    gs = torch.where(amax > 0, amax / divisor, torch.ones_like(amax) / divisor)
     return gs.clamp_min(MIN_GLOBAL_SCALE)
 
 
@@ -99,7 +115,7 @@ def block_amax(blocks: torch.Tensor) -> torch.Tensor:
 def max_block_scales(blocks: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """"Max" calibration: ``e4m3(block_amax / 6 / global)``, at least 2^-9. Returns float8_e4m3fn ``[..., N, K/16]``."""
     gs = expand_global(global_scale, blocks)[..., 0]
-    raw = block_amax(blocks) / E2M1_MAX / gs
+    raw = block_amax(blocks) / _const(E2M1_MAX, blocks) / gs
     return round_to_e4m3(raw.clamp_min(E4M3_MIN_SUBNORMAL))
 
 

@@ -58,3 +58,11 @@ def search_block_scales(
     from moequant.kernels import torch_mse
 
     return torch_mse.search_block_scales(w, global_scale, method), used
+
+
+def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
+    """Per-block squared error ``[..., N, K/16]``, bit-identical to ``formats.nvfp4.weight_squared_error``
+    (vectorized torch on any device)."""
+    from moequant.kernels import torch_mse
+
+    return torch_mse.weight_squared_error(w, global_scale, block_scale)

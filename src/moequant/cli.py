@@ -1,0 +1,141 @@
+"""The ``moequant`` command: argument parsing and calls into the API; no quantization logic here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DESCRIPTION = """Quantize Hugging Face MoE LLMs to NVFP4 / FP8 checkpoints (ModelOpt-HF or compressed-tensors),
+calibrating every expert, and verify what ships."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moequant", description=DESCRIPTION)
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    q = sub.add_parser("quantize", help="quantize a model directory (default: the built-in demo MoE)")
+    q.add_argument("model", nargs="?", help="local Hugging Face model directory (default: built-in model)")
+    q.add_argument("-o", "--output", help="output directory (default: ./<model-name>-<recipe>)")
+    q.add_argument("--recipe", default="nvfp4-mse", help="built-in recipe name or YAML file (moequant recipes)")
+    q.add_argument("--format", default="modelopt", choices=("modelopt", "compressed-tensors"))
+    q.add_argument("--calib", default="builtin", help="calibration text file, or 'builtin'")
+    q.add_argument("--samples", type=int, help="calibration sequences (default: the recipe's)")
+    q.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default: the recipe's)")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    q.add_argument("--kv-cache", choices=("none", "fp8", "fp8-cast"), help="override the recipe's KV cache")
+    q.add_argument("--dead-experts", choices=("coverage", "route_all", "routed"),
+                   help="how under-covered experts get activation scales (default: coverage)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    v = sub.add_parser("verify", help="check an exported checkpoint (exit 1 when a check fails)")
+    v.add_argument("checkpoint")
+    v.add_argument("--reference", help="original model directory: report weight error per tensor/layer/expert")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    i = sub.add_parser("inspect", help="what a checkpoint or model directory holds")
+    i.add_argument("path")
+    e = sub.add_parser("eval", help="perplexity and KL of the shipped checkpoint on held-out text")
+    e.add_argument("model", nargs="?", help="original model directory (default: built-in model)")
+    e.add_argument("--quantized", help="exported checkpoint to evaluate against MODEL")
+    e.add_argument("--data", default="builtin", help="held-out text file, or 'builtin' (speeches 2001+)")
+    e.add_argument("--windows", type=int, default=8)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--quiet", action="store_true")
+    sub.add_parser("recipes", help="list the built-in recipes")
+    return p
+
+
+def _model_dir(arg: str | None, log) -> tuple[Path, bool]:
+    if arg is not None:
+        return Path(arg), False
+    from moequant.demo import builtin_model_dir
+
+    return builtin_model_dir(log=log), True
+
+
+def _cmd_quantize(a) -> int:
+    from moequant.run import BUILTIN_SAMPLES, BUILTIN_SEQ_LEN, quantize_model, summary_lines
+
+    log = (lambda *_: None) if a.quiet else print
+    model_dir, builtin = _model_dir(a.model, log)
+    samples = a.samples if a.samples is not None else (BUILTIN_SAMPLES if builtin else None)
+    seq_len = a.seq_len if a.seq_len is not None else (BUILTIN_SEQ_LEN if builtin else None)
+    calib = None if a.calib == "builtin" else a.calib
+    outcome = quantize_model(model_dir, Path(a.output) if a.output else None, a.recipe, a.format, calib, samples,
+                             seq_len, a.device, a.kv_cache, a.dead_experts, a.overwrite, progress=not a.quiet,
+                             log=log)
+    print("\n".join(summary_lines(outcome, a.format)))
+    print(f"report: {outcome.out_dir / 'report.html'}")
+    return 0 if outcome.verify.ok else 1
+
+
+def _cmd_verify(a) -> int:
+    from moequant.verify import verify
+
+    result = verify(a.checkpoint, reference=a.reference)
+    print(result.to_json() if a.json else result.summary())
+    return 0 if result.ok else 1
+
+
+def _cmd_eval(a) -> int:
+    from moequant.evaluate import evaluate
+    from moequant.run import resolve_device
+
+    model_dir, _ = _model_dir(a.model, print)
+    result = evaluate(model_dir, a.quantized, a.data, a.windows, a.seq_len, resolve_device(a.device),
+                      progress=not a.quiet)
+    print(result.summary())
+    return 0
+
+
+def _cmd_inspect(a) -> int:
+    from moequant.inspect_ckpt import inspect_path
+
+    print("\n".join(inspect_path(Path(a.path))))
+    return 0
+
+
+def _cmd_recipes(_a) -> int:
+    from moequant.recipe import builtin_recipes
+
+    for name, description in builtin_recipes().items():
+        print(f"{name:26s} {description}")
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    from moequant.data import CalibrationDataError
+    from moequant.demo import DemoUnavailable
+    from moequant.export import ExportError
+    from moequant.formats.nvfp4 import WeightError
+    from moequant.kernels import BackendUnavailable
+    from moequant.models.experts import UnsupportedModelError
+    from moequant.recipe import RecipeError
+    from moequant.run import ModelDirError
+    from moequant.verify.decode import CheckpointError
+
+    return (CalibrationDataError, DemoUnavailable, ExportError, WeightError, BackendUnavailable,
+            UnsupportedModelError, RecipeError, ModelDirError, CheckpointError, FileExistsError,
+            FileNotFoundError, SafetensorError)
+
+
+COMMANDS = {"quantize": _cmd_quantize, "verify": _cmd_verify, "eval": _cmd_eval, "inspect": _cmd_inspect,
+            "recipes": _cmd_recipes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as err:
+        if args.debug:
+            raise
+        print(f"moequant: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

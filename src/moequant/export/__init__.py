@@ -1,0 +1,81 @@
+"""Export a calibrated ``QuantState`` to a checkpoint engines load: ModelOpt-HF (default) or compressed-tensors.
+
+    export(model, state, out_dir, format="modelopt" | "compressed-tensors", overwrite=False,
+           source_dir=None, recipe=None, max_shard_bytes=5e9) -> Path
+
+Composition: ``common.check_exportable`` (refuses what a format cannot hold, naming the tensor) ->
+format module (``modelopt_hf`` / ``compressed_tensors``: the quantized tensors and config dicts, tabled in
+their docstrings) + ``common.unquantized_specs`` (everything else, names and dtypes as ``save_pretrained``
+writes them) -> ``writer.write_checkpoint`` (sharded, atomic) with ``hf_files`` adding config.json,
+hf_quant_config.json, the generation config and the source's tokenizer files. The model is only read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from moequant.export import common, compressed_tensors, hf_files, modelopt_hf
+from moequant.export.writer import DEFAULT_MAX_SHARD_BYTES, ExportError, TensorSpec, natural_key, write_checkpoint
+from moequant.state import QuantState
+
+FORMATS = ("modelopt", "compressed-tensors")
+
+__all__ = ["FORMATS", "ExportError", "TensorSpec", "export"]
+
+
+def _metadata(state: QuantState, fmt: str, recipe) -> dict:
+    from moequant import __version__
+
+    if recipe is not None and hasattr(recipe, "to_dict"):
+        recipe = recipe.to_dict()
+    elif recipe is not None and not isinstance(recipe, (dict, str)):
+        from dataclasses import asdict, is_dataclass
+
+        recipe = asdict(recipe) if is_dataclass(recipe) else str(recipe)
+    return {"version": __version__, "format": fmt, "backend": state.backend, "method": state.method,
+            "kv_scheme": state.kv_scheme, "recipe": recipe, "notes": list(state.notes)}
+
+
+def _format_parts(model: nn.Module, state: QuantState, fmt: str) -> tuple[list[TensorSpec], dict, dict | None]:
+    """(quantized tensor specs, config.json quantization_config, hf_quant_config.json or None)."""
+    from moequant import __version__
+
+    exclude = common.excluded_modules(model, state, fmt)
+    if fmt == "modelopt":
+        hf_quant, flat = modelopt_hf.configs(state, exclude, {"name": "moequant", "version": __version__})
+        return modelopt_hf.tensor_specs(model, state), flat, hf_quant
+    return compressed_tensors.tensor_specs(model, state), compressed_tensors.quantization_config(state, exclude), None
+
+
+def export(
+    model: nn.Module, state: QuantState, out_dir: str | os.PathLike, format: str = "modelopt",
+    overwrite: bool = False, source_dir: str | os.PathLike | None = None, recipe=None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write the checkpoint of ``model`` quantized by ``state`` to ``out_dir``; returns its absolute path.
+
+    ``source_dir``: the original model directory; its generation_config.json is copied byte for byte and its
+    other non-weight files (tokenizer, chat template, ...) are copied. ``recipe`` is recorded in config.json
+    under ``"moequant"`` together with the moequant version and the backend used. Raises ``ExportError``
+    naming the tensor or file, with the fix, for anything that cannot be written faithfully.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}; expected one of {FORMATS}")
+    common.check_exportable(state)
+    quantized, qconfig, hf_quant = _format_parts(model, state, format)
+    specs = sorted(common.unquantized_specs(model, state) + quantized, key=lambda s: natural_key(s.name))
+    config = hf_files.model_config_dict(model)
+    config["quantization_config"] = qconfig
+    config["moequant"] = _metadata(state, format, recipe)
+
+    def write_extras(tmp: Path) -> None:
+        hf_files.copy_source_files(source_dir, tmp)
+        hf_files.write_json(tmp / "config.json", config)
+        if hf_quant is not None:
+            hf_files.write_json(tmp / "hf_quant_config.json", hf_quant)
+        hf_files.write_generation_config(model, source_dir, tmp)
+
+    return write_checkpoint(out_dir, specs, write_extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

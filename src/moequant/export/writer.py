@@ -1,0 +1,150 @@
+"""Sharded safetensors writer: shard by shard, into a temporary directory moved into place when complete.
+
+Input is a list of ``TensorSpec`` (name, shape, dtype, and a function that builds the tensor). Shards are
+planned from shapes alone, then each shard's tensors are built, saved and released before the next shard is
+touched, so peak memory is about one shard (plus whatever the caller's tensors share with the model).
+
+Layout written (what ``transformers`` ``save_pretrained`` writes for a sharded checkpoint, and what vLLM /
+SGLang / TensorRT-LLM read):
+    model-00001-of-0000N.safetensors ...     safetensors metadata {"format": "pt"}
+    model.safetensors.index.json             {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
+An index is written even for a single shard, so readers never need to guess the layout.
+
+Atomicity: everything goes into ``<parent>/.<name>.moequant-tmp-XXXX`` (same filesystem as the target, so the
+final move is a ``rename``); on any exception, including KeyboardInterrupt, the temporary directory is removed
+and nothing appears at the target. An existing target is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be written as asked; the message names the file or tensor and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the checkpoint, built on demand by ``make()``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key ordering ``layers.10`` after ``layers.9`` (numbers compared as numbers)."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Greedy split in the given order; a tensor larger than the limit gets a shard of its own."""
+    if max_shard_bytes <= 0:
+        raise ExportError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        if not shards or (size + spec.nbytes > max_shard_bytes and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _build(spec: TensorSpec) -> torch.Tensor:
+    t = spec.make()
+    if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
+        raise ExportError(
+            f"{spec.name}: built tensor is {t.dtype} {tuple(t.shape)} but the format table says "
+            f"{spec.dtype} {tuple(spec.shape)}; this is a moequant exporter bug, please report it"
+        )
+    # own, contiguous CPU storage: safetensors refuses tensors that share memory (views of one scale tensor)
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def write_shards(directory: Path, specs: list[TensorSpec], max_shard_bytes: int) -> dict:
+    """Write ``specs`` as shards plus index into ``directory``; returns the index dict."""
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ExportError(f"tensor names written twice: {dup[:5]}; this is a moequant exporter bug")
+    shards = plan_shards(specs, max_shard_bytes)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {spec.name: _build(spec) for spec in shard}
+        save_file(tensors, str(directory / filename), metadata={"format": "pt"})
+        for spec in shard:
+            weight_map[spec.name] = filename
+            total += spec.nbytes
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory; choose another output path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(
+            f"{out_dir} exists and is not empty; pass overwrite=True to replace it, or choose an empty directory"
+        )
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``tmp`` (renames on one filesystem; the old directory is removed last)."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.moequant-old-", dir=out_dir.parent))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        os.rename(old, out_dir)  # put the previous checkpoint back, then report
+        raise
+    shutil.rmtree(old)
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike, specs: list[TensorSpec], write_extras: Callable[[Path], None],
+    overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a complete checkpoint atomically; ``write_extras(tmp_dir)`` adds configs and copied files."""
+    out_dir = Path(out_dir).absolute()
+    _check_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.moequant-tmp-", dir=out_dir.parent))
+    done = False
+    try:
+        write_shards(tmp, specs, max_shard_bytes)
+        write_extras(tmp)
+        _move_into_place(tmp, out_dir)
+        done = True
+    finally:
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,171 @@
+"""``quantize_model``: the whole job, read top to bottom (the CLI only parses arguments and calls this).
+
+    load model dir -> quantize (recipe, calibration, layer by layer) -> export (atomic) -> verify
+    -> summary + report.html + moequant_report.json in the output directory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+
+import torch
+
+from moequant.data import load_tokenizer
+from moequant.export import export
+from moequant.html_report import render
+from moequant.pipeline import QuantResult, quantize
+from moequant.recipe import load_recipe
+from moequant.verify import VerifyResult, verify
+
+BUILTIN_SAMPLES, BUILTIN_SEQ_LEN = 16, 256  # the default model on a 2-core CPU: well under a minute
+
+
+class ModelDirError(ValueError):
+    """The model directory is missing, not a Hugging Face model, or unreadable."""
+
+
+@dataclass
+class QuantizeOutcome:
+    out_dir: Path
+    result: QuantResult
+    verify: VerifyResult
+    seconds: dict[str, float] = field(default_factory=dict)
+    size_before: int = 0
+    size_after: int = 0
+
+
+def weights_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def load_model(model_dir: Path):
+    """A local HF causal LM (its dtype as saved); errors name the directory and say what to do."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not model_dir.is_dir():
+        raise ModelDirError(f"{model_dir} is not a directory: give a local Hugging Face model directory")
+    if not (model_dir / "config.json").is_file():
+        raise ModelDirError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, KeyError) as err:
+        raise ModelDirError(f"{model_dir}: unsupported or unknown architecture ({err}); "
+                            "upgrade transformers or use a supported model") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True)
+    except SafetensorError as err:
+        raise ModelDirError(f"{model_dir}: corrupt or truncated safetensors file ({err}); re-download it") from None
+    except ValueError as err:
+        raise ModelDirError(f"{model_dir}: cannot load {type(config).__name__} as a causal LM ({err})") from None
+    return model.eval()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelDirError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _overrides(samples, seq_len, kv_cache, dead_experts) -> dict:
+    out, calib = {}, {}
+    if kv_cache is not None:
+        out["kv_cache"] = kv_cache
+    if samples is not None:
+        calib["samples"] = samples
+    if seq_len is not None:
+        calib["seq_len"] = seq_len
+    if dead_experts is not None:
+        calib["dead_experts"] = dead_experts
+    if calib:
+        out["calibration"] = calib
+    return out
+
+
+def quantize_model(model_dir: Path, out: Path | None = None, recipe: str = "nvfp4-mse", fmt: str = "modelopt",
+                   calib=None, samples: int | None = None, seq_len: int | None = None, device: str = "auto",
+                   kv_cache: str | None = None, dead_experts: str | None = None, overwrite: bool = False,
+                   progress: bool = True, log=print) -> QuantizeOutcome:
+    """Quantize ``model_dir`` with ``recipe`` and write a verified checkpoint to ``out``."""
+    seconds = {}
+    rec = load_recipe(recipe, **_overrides(samples, seq_len, kv_cache, dead_experts))
+    out = Path(out) if out is not None else Path.cwd() / f"{model_dir.name}-{rec.name}"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output {out} exists and is not empty; choose another -o or pass --overwrite")
+    device = resolve_device(device)
+    t = time.perf_counter()
+    model = load_model(model_dir)
+    seconds["load"] = time.perf_counter() - t
+    tokenizer = load_tokenizer(model_dir) if rec.input_scheme or rec.kv_cache == "fp8" else None
+    t = time.perf_counter()
+    result = quantize(model, rec, calib, tokenizer=tokenizer, device=device, progress=progress)
+    seconds["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    export(model, result.state, out, format=fmt, overwrite=overwrite, source_dir=model_dir, recipe=rec)
+    seconds["export"] = time.perf_counter() - t
+    t = time.perf_counter()
+    checked = verify(out)
+    seconds["verify"] = time.perf_counter() - t
+    outcome = QuantizeOutcome(out, result, checked, seconds, weights_size(model_dir), weights_size(out))
+    write_reports(outcome, model_dir, rec.name, fmt)
+    return outcome
+
+
+def summary_lines(o: QuantizeOutcome, fmt: str) -> list[str]:
+    state, report = o.result.state, o.result.report
+    experts = state.plan.expert_targets()
+    n_experts = sum(t.shape[0] for t in experts if t.param_name != "down_proj")
+    under = sum(len(c.under_covered) for c in report.coverage)
+    shipped, baseline = report.weight_error_totals()
+    gain = 100 * (1 - shipped / baseline) if baseline > 0 else 0.0
+    lines = [
+        f"output              {o.out_dir}  ({fmt})",
+        f"recipe              {report.recipe}; calibration: {report.calibration or 'none needed'}",
+        f"tensors quantized   {len(state.plan.targets)} targets -> {len(state.records())} on-disk weights",
+        f"experts             {n_experts} in {len(experts) // 2} MoE layers; {under} under-covered "
+        f"(policy {report.policy}, < {report.min_tokens} tokens) -- all got scales, none from nothing",
+        f"groups              {len(report.groups)} sharing one global scale (q/k/v, gate/up, ...)",
+        f"weight error        mean relative {shipped:.4f} shipped vs {baseline:.4f} with max scales "
+        f"({gain:.1f}% lower)",
+        f"verify              {'OK' if o.verify.ok else 'FAILED: ' + o.verify.summary()}",
+        f"size                {o.size_before / 2**20:.1f} MiB -> {o.size_after / 2**20:.1f} MiB",
+        "time                " + ", ".join(f"{k} {v:.1f}s" for k, v in {**o.seconds}.items()),
+    ]
+    for c in report.coverage:
+        if c.under_covered:
+            got = ", ".join(f"e{e}:{n}->{what}" for e, n, what in c.under_covered[:6])
+            more = f" (+{len(c.under_covered) - 6} more)" if len(c.under_covered) > 6 else ""
+            lines.append(f"  under-covered {c.path}: {got}{more}")
+    return lines
+
+
+def _plain(obj):
+    if is_dataclass(obj):
+        return {k: _plain(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_reports(o: QuantizeOutcome, model_dir: Path, recipe: str, fmt: str) -> None:
+    """report.html and moequant_report.json into the (already complete) output directory, atomically."""
+    lines = summary_lines(o, fmt)
+    files = {
+        "report.html": render(o.result.state, o.result.report, lines, f"moequant: {model_dir.name} / {recipe}"),
+        "moequant_report.json": json.dumps({"summary": lines, "report": _plain(o.result.report),
+                                            "seconds": o.seconds, "verify_ok": o.verify.ok}, indent=1),
+    }
+    for name, text in files.items():
+        tmp = o.out_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, o.out_dir / name)
