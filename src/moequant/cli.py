@@ -54,9 +54,18 @@ def _model_dir(arg: str | None, log) -> tuple[Path, bool]:
     return builtin_model_dir(log=log), True
 
 
+def _quiet_libraries() -> None:
+    """--quiet: no progress bars from transformers either (this process is ours to configure)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _cmd_quantize(a) -> int:
     from moequant.run import BUILTIN_SAMPLES, BUILTIN_SEQ_LEN, quantize_model, summary_lines
 
+    if a.quiet:
+        _quiet_libraries()
     log = (lambda *_: None) if a.quiet else print
     model_dir, builtin = _model_dir(a.model, log)
     samples = a.samples if a.samples is not None else (BUILTIN_SAMPLES if builtin else None)
@@ -82,6 +91,8 @@ def _cmd_eval(a) -> int:
     from moequant.evaluate import evaluate
     from moequant.run import resolve_device
 
+    if a.quiet:
+        _quiet_libraries()
     model_dir, _ = _model_dir(a.model, print)
     result = evaluate(model_dir, a.quantized, a.data, a.windows, a.seq_len, resolve_device(a.device),
                       progress=not a.quiet)
@@ -133,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         if args.debug:
             raise
-        print(f"moequant: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever the library wrote
+        print(f"moequant: error: {message}", file=sys.stderr)
         return 2
 
 

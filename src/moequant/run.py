@@ -53,9 +53,12 @@ def load_model(model_dir: Path):
         raise ModelDirError(f"{model_dir} has no config.json: not a Hugging Face model directory")
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (ValueError, KeyError) as err:
-        raise ModelDirError(f"{model_dir}: unsupported or unknown architecture ({err}); "
-                            "upgrade transformers or use a supported model") from None
+    except (ValueError, KeyError):
+        import transformers
+
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        raise ModelDirError(f"{model_dir}: architecture model_type={model_type!r} is unknown to transformers "
+                            f"{transformers.__version__}; upgrade transformers or use a supported model") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True)
     except SafetensorError as err:
@@ -131,7 +134,7 @@ def summary_lines(o: QuantizeOutcome, fmt: str) -> list[str]:
         f"experts             {n_experts} in {len(experts) // 2} MoE layers; {under} under-covered "
         f"(policy {report.policy}, < {report.min_tokens} tokens) -- all got scales, none from nothing",
         f"groups              {len(report.groups)} sharing one global scale (q/k/v, gate/up, ...)",
-        f"weight error        mean relative {shipped:.4f} shipped vs {baseline:.4f} with max scales "
+        f"weight error        mean relative squared error {shipped:.4f} shipped vs {baseline:.4f} with max scales "
         f"({gain:.1f}% lower)",
         f"verify              {'OK' if o.verify.ok else 'FAILED: ' + o.verify.summary()}",
         f"size                {o.size_before / 2**20:.1f} MiB -> {o.size_after / 2**20:.1f} MiB",

@@ -1,0 +1,38 @@
+"""Tiny model directories on disk (weights + a small BPE tokenizer trained offline), as a user would have."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from biased_models import biased
+from tiny_models import build
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A byte-level BPE tokenizer trained (deterministically) on moequant's shipped public-domain text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (resources.files("moequant") / "data" / "calibration_text.txt").read_text(encoding="utf-8")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>"],
+                                  initial_alphabet=[], show_progress=False)
+    tok.train_from_iterator(text.splitlines()[:400], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+def heldout_text(folder: Path) -> Path:
+    text = (resources.files("moequant") / "data" / "calibration_text.txt").read_text(encoding="utf-8")
+    path = folder / "heldout.txt"
+    path.write_text(text[-20000:], encoding="utf-8")
+    return path
+
+
+def save_model_dir(folder: Path, family: str, dead_experts: bool = False) -> Path:
+    model = biased(family) if dead_experts else build(family)
+    model.save_pretrained(folder)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return folder
