@@ -37,10 +37,12 @@ import torch
 HIDDEN, EXPERTS, TOP_K, MOE_INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2048, 128, 8, 768, 32, 4, 128, 151936
 SAMPLES, SEQ_LEN, BATCH = 16, 512, 8
 MODELOPT_RECIPE = "general/ptq/nvfp4_experts_only_mse-kv_fp8_cast"
+DEVICE = "cuda"
 
 
 def sync() -> None:
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def now() -> float:
@@ -57,8 +59,9 @@ def build_model(layers: int, vocab: int, seed: int = 0):
         num_experts=EXPERTS, num_experts_per_tok=TOP_K, decoder_sparse_step=1, mlp_only_layers=[],
         norm_topk_prob=True, max_position_embeddings=4096, tie_word_embeddings=False, rope_theta=1e6,
         rms_norm_eps=1e-6)
+    config.architectures = ["Qwen3MoeForCausalLM"]   # as from_pretrained sets it (ModelOpt's export reads it)
     torch.manual_seed(seed)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = tf.Qwen3MoeForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.eval()
     experts = model.model.layers[0].mlp.experts
@@ -124,7 +127,7 @@ def run_ours(model, tokens, out_dir: str, recipe) -> dict:
 
     shutil.rmtree(out_dir, ignore_errors=True)
     t0 = now()
-    result = moequant.quantize(model, recipe, tokens, device="cuda", batch_size=BATCH)
+    result = moequant.quantize(model, recipe, tokens, device=DEVICE, batch_size=BATCH)
     t1 = now()
     moequant.export(model, result.state, out_dir, format="modelopt", recipe=result.recipe)
     t2 = now()
@@ -172,7 +175,7 @@ def run_modelopt(model, tokens, out_dir: str) -> dict:
     from modelopt.recipe import load_recipe
     from modelopt.torch.export import export_hf_checkpoint
 
-    batches = [b.cuda() for b in tokens.split(BATCH)]
+    batches = [b.to(DEVICE) for b in tokens.split(BATCH)]
     loop_s = [0.0]
 
     def forward_loop(m):
@@ -221,7 +224,7 @@ def checkpoint_summary(out_dir: str) -> dict:
 
 def own_forward(model, tokens, repeats: int) -> dict:
     """The model's own bf16 forward over the calibration batches (default experts implementation)."""
-    batches = [b.cuda() for b in tokens.split(BATCH)]
+    batches = [b.to(DEVICE) for b in tokens.split(BATCH)]
     out = {}
     for name, fn in (("full_model_s", lambda b: model(input_ids=b, use_cache=False)),
                      ("decoder_stack_s", lambda b: model.model(input_ids=b, use_cache=False))):
@@ -244,7 +247,7 @@ def own_forward(model, tokens, repeats: int) -> dict:
 def cold_child(tool: str, layers: int, vocab: int, out_dir: str) -> None:
     """Runs in a fresh process: build the model (not counted), import the tool, first call."""
     t0 = time.perf_counter()
-    torch.zeros(1, device="cuda")
+    torch.zeros(1, device=DEVICE)
     t1 = time.perf_counter()
     model = build_model(layers, vocab)
     tokens = calib_tokens(vocab)

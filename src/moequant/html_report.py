@@ -76,7 +76,8 @@ def _heatmap_svg(h: Heatmap, log_scale: bool = False) -> str:
     f = (lambda v: math.log10(1 + v)) if log_scale else (lambda v: v)
     flat = [f(v) for r in h.values for v in r]
     lo, hi = min(flat), max(flat)
-    width, height = left + cell * n_cols + 20, top + cell * len(h.values) + 10
+    raw = [v for r in h.values for v in r]
+    width, height = max(left + cell * n_cols + 20, 520), top + cell * len(h.values) + 34
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">']
     for e in range(n_cols):
         parts.append(f'<text x="{left + e * cell + cell / 2}" y="{top - 8}" text-anchor="middle">{e}</text>')
@@ -89,6 +90,13 @@ def _heatmap_svg(h: Heatmap, log_scale: bool = False) -> str:
             parts.append(f'<rect x="{left + e * cell}" y="{y}" width="{cell}" height="{cell}" '
                          f'fill="{_color(f(v), lo, hi)}"{stroke}><title>{html.escape(label)} expert {e}: '
                          f'{v:.4g} {h.unit}</title></rect>')
+    legend_y = top + cell * len(h.values) + 20
+    scale = "log scale, " if log_scale else ""
+    parts.append(f'<rect x="{left}" y="{legend_y - 10}" width="12" height="12" fill="{_color(lo, lo, hi)}" '
+                 f'stroke="#999"/><text x="{left + 16}" y="{legend_y}">{min(raw):.4g}</text>'
+                 f'<rect x="{left + 90}" y="{legend_y - 10}" width="12" height="12" fill="{_color(hi, lo, hi)}"/>'
+                 f'<text x="{left + 106}" y="{legend_y}">{max(raw):.4g} {html.escape(h.unit)} ({scale}'
+                 f'hover a cell for its value)</text>')
     parts.append("</svg>")
     return "".join(parts)
 

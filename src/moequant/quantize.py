@@ -51,8 +51,18 @@ def check_target_weight(target: Target, w: torch.Tensor) -> None:
         raise WeightError(str(err).replace(target.key, name, 1)) from None
 
 
+_CHUNK_ELEMENTS = 1 << 26  # per-expert reductions run over chunks of experts: fp32 temporaries <= 256 MiB
+
+
+def _expert_chunks(w: torch.Tensor) -> list[torch.Tensor]:
+    per = max(1, _CHUNK_ELEMENTS // max(1, w.numel() // max(1, w.shape[0])))
+    return [w[i:i + per] for i in range(0, max(1, w.shape[0]), per)]
+
+
 def weight_amax(target: Target, w: torch.Tensor) -> torch.Tensor:
-    return tensor_amax(w, 1 if target.kind == "experts" else 0)
+    if target.kind != "experts":
+        return tensor_amax(w, 0)
+    return torch.cat([tensor_amax(c, 1) for c in _expert_chunks(w)])  # a max is exact: same bits as unchunked
 
 
 def group_amax(plan: Plan, amax: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,16 +78,22 @@ def _per_expert_sum(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(-1) if kind == "experts" else x.sum()
 
 
+def _sq_norm(w: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind != "experts":
+        return _per_expert_sum(w.to(torch.float32).square(), kind)
+    return torch.cat([_per_expert_sum(c.to(torch.float32).square(), kind) for c in _expert_chunks(w)])
+
+
 def _nvfp4_scales(target: Target, w, amax, shared_amax, method, backend) -> tuple[TensorScales, str]:
     gs = global_scale_from_amax(shared_amax)
-    block, used = kernels.search_block_scales(w, gs, method, backend)
-    err = _per_expert_sum(kernels.weight_squared_error(w, gs, block), target.kind)
+    block, sq_err, used = kernels.search_block_scales_with_errors(w, gs, method, backend)
+    err = _per_expert_sum(sq_err, target.kind)
     if method != "max":
-        baseline, _ = kernels.search_block_scales(w, gs, "max", backend)
-        err_max = _per_expert_sum(kernels.weight_squared_error(w, gs, baseline), target.kind)
+        _, sq_err_max, _ = kernels.search_block_scales_with_errors(w, gs, "max", backend)
+        err_max = _per_expert_sum(sq_err_max, target.kind)
     else:
         err_max = err
-    norm = _per_expert_sum(w.to(torch.float32).square(), target.kind)
+    norm = _sq_norm(w, target.kind)
     return TensorScales(target.key, "nvfp4", method, amax, gs, block, err, err_max, norm), used
 
 

@@ -60,6 +60,24 @@ def search_block_scales(
     return torch_mse.search_block_scales(w, global_scale, method), used
 
 
+def search_block_scales_with_errors(
+    w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse", backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``search_block_scales`` plus the per-block squared errors of the chosen scales (bit-identical to
+    ``weight_squared_error``): the Triton kernel computes them in its one pass; the torch path computes them
+    after the search."""
+    used = resolve_backend(backend, w.device)
+    if used == "triton":
+        from moequant.kernels import triton_mse
+
+        scales, _, errors = triton_mse.search_block_scales(w, global_scale, method, return_errors=True)
+        return scales, errors, used
+    from moequant.kernels import torch_mse
+
+    scales = torch_mse.search_block_scales(w, global_scale, method)
+    return scales, torch_mse.weight_squared_error(w, global_scale, scales), used
+
+
 def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
     """Per-block squared error ``[..., N, K/16]``, bit-identical to ``formats.nvfp4.weight_squared_error``
     (vectorized torch on any device)."""
