@@ -65,7 +65,7 @@ def build_model(layers: int, vocab: int, seed: int = 0):
         model = tf.Qwen3MoeForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.eval()
     experts = model.model.layers[0].mlp.experts
-    std = float(experts.gate_up_proj.float().std())
+    std = float(experts.gate_up_proj.detach().float().std())
     assert 0.01 < std < 0.03 and next(model.parameters()).dtype == torch.bfloat16, std
     return model
 

@@ -135,3 +135,34 @@ def test_model_dir_without_tokenizer(tmp_path):
         load_tokenizer(tmp_path / "model")
     with pytest.raises(CalibrationDataError, match="does not exist"):
         load_tokenizer(tmp_path / "absent")
+
+
+def test_large_text_token_stream_is_cached_and_identical(tokenizer_dir, tmp_path, monkeypatch):
+    """A cached stream is exactly the tokenizer's output; a damaged cache file is ignored and rewritten."""
+    monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "TOKEN_CACHE_MIN_CHARS", 1000)
+    tok = load_tokenizer(tokenizer_dir)
+    docs = [TEXT, TEXT.upper()]
+    fresh = data._tokenize(docs, tok)
+    first = data.token_stream(docs, tok)
+    files = list((tmp_path / "cache" / "token_streams").glob("*.bin"))
+    assert len(files) == 1 and torch.equal(first, fresh) and first.dtype == torch.int64
+    monkeypatch.setattr(data, "_tokenize", lambda *a: pytest.fail("tokenized although cached"))
+    assert torch.equal(data.token_stream(docs, tok), fresh)
+    assert data._stream_key(docs[:1], tok) != data._stream_key(docs, tok)  # other text, other key
+    raw = bytearray(files[0].read_bytes())
+    raw[20] ^= 1  # one flipped bit: the checksum no longer matches
+    files[0].write_bytes(bytes(raw))
+    assert data._read_cached_stream(files[0].stem) is None
+    monkeypatch.undo()
+    monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "TOKEN_CACHE_MIN_CHARS", 1000)
+    assert torch.equal(data.token_stream(docs, tok), fresh)
+    assert data._read_cached_stream(files[0].stem) is not None  # rewritten
+
+
+def test_small_text_is_not_cached(tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path / "cache"))
+    tok = load_tokenizer(tokenizer_dir)
+    calibration_tokens([TEXT], tok, samples=2, seq_len=16, seed=0)
+    assert not (tmp_path / "cache").exists()

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moequant.channel_stats import ChannelStats, observe_experts, observe_linear
 from moequant.expert_amax import abs_max, check_gating, gated_amax_many, routed_gated_amax
 from moequant.formats.fp8 import fp8_tensor_scale
 from moequant.formats.nvfp4 import global_scale_from_amax
@@ -81,6 +82,7 @@ class ActivationStats:
     linear_amax: dict[str, torch.Tensor] = field(default_factory=dict)
     experts: dict[str, ExpertsObservation] = field(default_factory=dict)
     kv_amax: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # [k amax, v amax]
+    channels: ChannelStats | None = None   # per-channel mean squares, only when weighted_mse asks for them
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def _observe_all(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tensor) 
         obs.evals += obs.num_experts * x.shape[0]
 
 
-def _experts_hook(obs: ExpertsObservation, c: ExpertsContainer, policy: str):
+def _experts_hook(obs: ExpertsObservation, c: ExpertsContainer, policy: str, channels: ChannelStats | None = None):
     signature = inspect.signature(c.module.forward)
 
     def hook(_module, args, kwargs):
@@ -158,6 +160,8 @@ def _experts_hook(obs: ExpertsObservation, c: ExpertsContainer, policy: str):
                 _observe_all(obs, c, x)
             else:
                 _observe_routed(obs, c, x, index)
+            if channels is not None:
+                observe_experts(channels, c, x, None if policy == "route_all" else index, obs.want_down)
             if policy == "coverage" and obs.want_down:
                 obs.stored.append(x.detach().clone())
             _sync(x)
@@ -224,6 +228,8 @@ def _linear_hook(stats: ActivationStats, key: str):
         x = args[0] if args else kwargs["input"]
         with torch.no_grad():
             amax = abs_max(x)
+            if stats.channels is not None:
+                observe_linear(stats.channels, key, x)
             stats.linear_amax[key] = _running_max(stats.linear_amax[key], amax) if key in stats.linear_amax \
                 else amax.cpu()
 
@@ -267,7 +273,7 @@ def _attach_targets(root, prefix, plan, containers, stats, policy) -> list:
                 check_gating(c)
             stats.experts.setdefault(path, ExpertsObservation.empty(path, c.num_experts, want_down))
             handles.append(module.register_forward_pre_hook(
-                _experts_hook(stats.experts[path], c, policy), with_kwargs=True))
+                _experts_hook(stats.experts[path], c, policy, stats.channels), with_kwargs=True))
     return handles
 
 

@@ -26,7 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--kv-cache", choices=("none", "fp8", "fp8-cast"), help="override the recipe's KV cache")
     q.add_argument("--dead-experts", choices=("coverage", "route_all", "routed"),
                    help="how under-covered experts get activation scales (default: coverage)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory (and discard a partial run of another model/recipe)")
+    q.add_argument("--no-stream", action="store_true",
+                   help="load the whole model into memory instead of streaming one decoder layer at a time "
+                        "from the safetensors shards (same output; no resume)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     v = sub.add_parser("verify", help="check an exported checkpoint (exit 1 when a check fails)")
     v.add_argument("checkpoint")
@@ -73,7 +77,9 @@ def _cmd_quantize(a) -> int:
     calib = None if a.calib == "builtin" else a.calib
     outcome = quantize_model(model_dir, Path(a.output) if a.output else None, a.recipe, a.format, calib, samples,
                              seq_len, a.device, a.kv_cache, a.dead_experts, a.overwrite, progress=not a.quiet,
-                             log=log)
+                             log=log, stream=not a.no_stream)
+    if outcome is None:   # torchrun rank > 0: rank 0 prints the summary
+        return 0
     print("\n".join(summary_lines(outcome, a.format)))
     print(f"report: {outcome.out_dir / 'report.html'}")
     return 0 if outcome.verify.ok else 1
@@ -126,11 +132,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from moequant.models.experts import UnsupportedModelError
     from moequant.recipe import RecipeError
     from moequant.run import ModelDirError
+    from moequant.safetensors_source import ShardError
     from moequant.verify.decode import CheckpointError
 
     return (CalibrationDataError, DemoUnavailable, ExportError, WeightError, BackendUnavailable,
             UnsupportedModelError, RecipeError, ModelDirError, CheckpointError, FileExistsError,
-            FileNotFoundError, SafetensorError)
+            FileNotFoundError, SafetensorError, ShardError)
 
 
 COMMANDS = {"quantize": _cmd_quantize, "verify": _cmd_verify, "eval": _cmd_eval, "inspect": _cmd_inspect,

@@ -35,6 +35,7 @@ from moequant.calibrate import (
     linear_input_amax,
     observing,
 )
+from moequant.channel_stats import ChannelStats, channel_weights
 from moequant.data import CalibrationDataError, calibration_tokens, load_tokenizer
 from moequant.discover import decoder_layers, discover, text_config
 from moequant.kv_cache import kv_cache_scales
@@ -85,6 +86,11 @@ class _Run:
     @property
     def observe_activations(self) -> bool:
         return self.recipe.input_scheme is not None
+
+    @property
+    def observe_targets(self) -> bool:
+        """Target hooks are attached for input scales and/or weighted_mse's channel statistics."""
+        return self.observe_activations or self.recipe.needs_channel_stats
 
     @property
     def kv(self) -> str | None:
@@ -163,18 +169,20 @@ def _start(model, recipe: Recipe, device, backend: str, progress: bool, sequenti
         raise ValueError(f"sequential=False runs the model where it is ({home}); move the model to {device} "
                          "first or use sequential=True")
     outside = [t.key for t in plan.targets if t.layer is None]
-    if outside and sequential and (run.observe_activations or run.kv):
+    if outside and sequential and (run.observe_targets or run.kv):
         raise CalibrationError(
             f"targets outside the decoder layers ({', '.join(outside[:3])}) cannot be activation-calibrated layer "
             "by layer; exclude them in the recipe or use sequential=False")
     report.groups = list(plan.groups)
+    if recipe.needs_channel_stats:
+        run.stats.channels = ChannelStats()
     return run
 
 
 def _calibration_batches(run: _Run, calib, tokenizer, batch_size: int) -> list[torch.Tensor]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not run.observe_activations and run.kv != "fp8":
+    if not run.observe_targets and run.kv != "fp8":
         if run.kv == "fp8-cast":  # scales are 1.0; one probe forward finds the attention layers
             run.report.calibration = "8-token probe (fp8-cast KV needs no data)"
             return [probe_ids(run.model)]
@@ -204,22 +212,35 @@ def _run_sequential(run: _Run, batches: list[torch.Tensor]) -> None:
             inputs = capture_layer_inputs(run.model, run.layers[0], run.layer_path(0), batches, run.device)
         run.activation_bytes = sum(tensor_bytes(flat_tensors(i.__dict__)) for i in inputs)
     for i in _progress(range(len(run.layers)), run.progress, "layers"):
-        path, layer = run.layer_path(i), run.layers[i]
-        with on_device(layer, run.device, path):
-            with _stage(run, "weights"):
-                _calibrate_weights(run, [t for t in run.plan.targets if t.layer == i])
-            if inputs:
-                _observe_layer(run, i, inputs)
+        _calibrate_layer(run, i, inputs)
     with _stage(run, "weights"):
         _calibrate_weights(run, [t for t in run.plan.targets if t.layer is None])
 
 
-def _observe_layer(run: _Run, i: int, inputs: list[LayerInput]) -> None:
+def _calibrate_layer(run: _Run, i: int, inputs: list[LayerInput], ranks=None) -> None:
+    """Weight scales and observation of decoder layer ``i`` on ``run.device`` (also used by ``stream.py``).
+
+    ``ranks`` (a ``distributed.Ranks``, streaming under torch.distributed): this process searches only its
+    share of the layer's weights (gathered to rank 0) and observes only its calibration batches (reduced)."""
+    path, layer = run.layer_path(i), run.layers[i]
+    targets = [t for t in run.plan.targets if t.layer == i]
+    with on_device(layer, run.device, path):
+        if inputs and run.recipe.needs_channel_stats:  # weighted_mse: statistics before the search
+            _observe_layer(run, i, inputs, ranks)
+        with _stage(run, "weights"):
+            _calibrate_weights(run, targets if ranks is None else ranks.mine(targets))
+            if ranks is not None:
+                ranks.gather_scales(run, targets)
+        if inputs and not run.recipe.needs_channel_stats:
+            _observe_layer(run, i, inputs, ranks)
+
+
+def _observe_layer(run: _Run, i: int, inputs: list[LayerInput], ranks=None) -> None:
     path, layer = run.layer_path(i), run.layers[i]
     kv_layers = [(path, layer)] if run.kv else []
     with _stage(run, "observe"), observing(layer, path, run.plan, run.containers, run.stats,
                                            policy=run.recipe.calibration.dead_experts,
-                                           activations=run.observe_activations, kv_layers=kv_layers):
+                                           activations=run.observe_targets, kv_layers=kv_layers):
         for inp in inputs:
             out = layer(inp.hidden, *inp.args, **inp.kwargs)
             out = out[0] if isinstance(out, tuple) else out
@@ -227,8 +248,12 @@ def _observe_layer(run: _Run, i: int, inputs: list[LayerInput]) -> None:
                 raise CalibrationError(f"{path} returned shape {tuple(out.shape)} for input "
                                        f"{tuple(inp.hidden.shape)}; cannot chain layers")
             inp.hidden = out
+    if ranks is not None:
+        ranks.reduce_observations(run, path + ".")
     with _stage(run, "coverage"):
         _finish_containers(run, path + ".")
+    if ranks is not None:
+        ranks.reduce_expert_amax(run, path + ".")
 
 
 def _finish_containers(run: _Run, prefix: str) -> None:
@@ -244,11 +269,24 @@ def _calibrate_weights(run: _Run, targets: list) -> None:
     if not targets:
         return
     sub = run.plan.with_targets(tuple(targets), run.plan.excluded)
-    state = calibrate_weights(run.model, sub, method=run.recipe.weights.method, backend=run.backend)
+    spec = run.recipe.weights
+    weights = _channel_weights(run, targets) if run.recipe.needs_channel_stats else None
+    state = calibrate_weights(run.model, sub, method=spec.method, backend=run.backend, channel_weights=weights,
+                              global_search=spec.global_search, four_over_six=spec.four_over_six)
     run.backends.update(state.backend.split(","))
     for key, scales in state.tensors.items():
         run.tensors[key] = replace(scales, **{f.name: getattr(scales, f.name).cpu() for f in fields(scales)
                                               if isinstance(getattr(scales, f.name), torch.Tensor)})
+
+
+def _channel_weights(run: _Run, targets: list) -> dict[str, torch.Tensor]:
+    """weighted_mse's channel weights of ``targets`` (observed before their weights are searched)."""
+    keys = [t.key for t in targets if run.schemes[t.key].weights == "nvfp4"]
+    try:
+        return channel_weights(run.plan, run.stats.channels, run.containers, keys, run.recipe.calibration.min_tokens)
+    except KeyError as err:
+        raise CalibrationError(f"weighted_mse: {err.args[0]}; calibrate with data that reaches every target, "
+                               "or exclude the target in the recipe") from None
 
 
 # ------------------------------------------------------------------------------------------ all at once
@@ -256,29 +294,35 @@ def _calibrate_weights(run: _Run, targets: list) -> None:
 
 def _run_all_at_once(run: _Run, batches: list[torch.Tensor]) -> None:
     """Reference: weights of the whole plan in one call, whole-model forwards with every observer attached."""
-    with _stage(run, "weights"):
-        _calibrate_weights(run, list(run.plan.targets))
+    if not run.recipe.needs_channel_stats:
+        with _stage(run, "weights"):
+            _calibrate_weights(run, list(run.plan.targets))
     if not batches:
         return
     kv_layers = [(run.layer_path(i), layer) for i, layer in enumerate(run.layers)] if run.kv else []
     with _stage(run, "observe"), observing(run.model, "", run.plan, run.containers, run.stats,
                                            policy=run.recipe.calibration.dead_experts,
-                                           activations=run.observe_activations, kv_layers=kv_layers):
+                                           activations=run.observe_targets, kv_layers=kv_layers):
         for batch in _progress(batches, run.progress, "batches"):
             run.model(input_ids=batch.to(input_device(run.model)), use_cache=False)
     with _stage(run, "coverage"):
         _finish_containers(run, "")
+    if run.recipe.needs_channel_stats:
+        with _stage(run, "weights"):
+            _calibrate_weights(run, list(run.plan.targets))
 
 
 # ------------------------------------------------------------------------------------------ results
 
 
-def _fill_input_scales(run: _Run) -> None:
+def _fill_input_scales(run: _Run, targets=None) -> None:
+    """Input scales of ``targets`` (default: the whole plan; groups never span decoder layers)."""
     if not run.observe_activations:
         return
     plan = run.plan
-    linear = linear_input_amax(plan, run.stats, [t.key for t in plan.targets if t.kind == "linear"])
-    for t in plan.targets:
+    targets = plan.targets if targets is None else targets
+    linear = linear_input_amax(plan, run.stats, [t.key for t in targets if t.kind == "linear"])
+    for t in targets:
         if t.kind == "linear":
             amax = linear[t.key]
         else:

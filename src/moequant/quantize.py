@@ -6,20 +6,26 @@ reaches is calibrated exactly like the others. Order of operations, per group:
   2. one global scale for the group (max of the members' amax) -- fixed BEFORE the block-scale search;
   3. block scales searched ("mse") or computed ("max") against that global scale, so the searched scales are
      the shipped scales.
+Options beyond "max"/"mse" (``_searched_scales``): "weighted_mse" (``formats.weighted_mse``, needs per-target
+channel weights from activation calibration), ``global_search`` (``formats.global_search``: the group's global
+scale is searched, still one per group) and ``four_over_six`` (``formats.four_over_six``, with "max" only).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moequant import kernels
 from moequant.formats.fp8 import fp8_tensor_scale, quantize_fp8_tensor, dequantize_fp8_tensor
+from moequant.formats.global_search import search_global
 from moequant.formats.nvfp4 import WeightError, check_weight, global_scale_from_amax, tensor_amax
 from moequant.plan import Plan, Target
 from moequant.state import QuantState, TensorScales
 
-METHODS = ("mse", "max")
+METHODS = ("mse", "max", "weighted_mse")
 
 
 def canonical_weight(model: nn.Module, target: Target) -> torch.Tensor:
@@ -51,7 +57,7 @@ def check_target_weight(target: Target, w: torch.Tensor) -> None:
         raise WeightError(str(err).replace(target.key, name, 1)) from None
 
 
-_CHUNK_ELEMENTS = 1 << 26  # per-expert reductions run over chunks of experts: fp32 temporaries <= 256 MiB
+_CHUNK_ELEMENTS = 1 << 24  # per-expert reductions run over chunks of experts: fp32 temporaries <= 64 MiB
 
 
 def _expert_chunks(w: torch.Tensor) -> list[torch.Tensor]:
@@ -109,13 +115,16 @@ def _fp8_scales(target: Target, w, amax, shared_amax) -> TensorScales:
 @torch.no_grad()
 def calibrate_weights(
     model: nn.Module, plan: Plan | None = None, scheme: str | None = None, method: str = "mse",
-    backend: str = "auto", progress: bool = False,
+    backend: str = "auto", progress: bool = False, channel_weights: dict[str, torch.Tensor] | None = None,
+    global_search: bool = False, four_over_six: bool = False,
 ) -> QuantState:
     """Weight scales of every target of ``plan`` (default: ``discover(model)``), no data needed.
 
     ``scheme`` overrides every target's scheme ("nvfp4" or "fp8"); ``method`` is the NVFP4 block-scale
     method ("mse": exact 126-candidate search; "max"). ``backend``: see ``moequant.kernels``.
     The model is only read. Deterministic: the same weights give the same bytes.
+    ``channel_weights`` (target key -> ``[K]`` / ``[E, K]`` mean squared activations) feed "weighted_mse";
+    ``global_search`` / ``four_over_six``: see the module docstring.
     """
     from moequant.discover import discover  # local: discover imports transformers-specific helpers
 
@@ -128,14 +137,71 @@ def calibrate_weights(
     amax = {t.key: weight_amax(t, weights[t.key]) for t in plan.targets}
     shared = group_amax(plan, amax)
     tensors, used = {}, set()
+    if method == "weighted_mse" or global_search or four_over_six:
+        options = _Options(method, backend, channel_weights or {}, global_search, four_over_six)
+        nvfp4 = [t for t in plan.targets if (scheme or t.scheme) == "nvfp4"]
+        used.update(_searched_scales(nvfp4, weights, amax, shared, options, tensors))
     for t in _progress(plan.targets, progress, "weight scales"):
         w = weights[t.key]
+        if t.key in tensors:
+            continue
         if (scheme or t.scheme) == "nvfp4":
             tensors[t.key], backend_used = _nvfp4_scales(t, w, amax[t.key], shared[t.key], method, backend)
             used.add(backend_used)
         else:
             tensors[t.key] = _fp8_scales(t, w, amax[t.key], shared[t.key])
     return QuantState(plan, tensors, ",".join(sorted(used)) or "torch", method)
+
+
+@dataclass(frozen=True)
+class _Options:
+    method: str
+    backend: str
+    channel_weights: dict
+    global_search: bool
+    four_over_six: bool
+
+    @property
+    def label(self) -> str:
+        base = "four_over_six" if self.four_over_six else self.method
+        return base + ("+global" if self.global_search else "")
+
+
+def _searched_scales(targets: list[Target], weights, amax, shared, options: _Options, out: dict) -> set[str]:
+    """NVFP4 scales of ``targets`` with the options, one group at a time (a group shares its global scale)."""
+    if options.four_over_six and options.method != "max":
+        raise ValueError("four_over_six goes with method 'max' only: the exact searches already scan its candidates")
+    groups: dict[str, list[Target]] = {}
+    for t in targets:
+        groups.setdefault(t.group if t.group is not None else "target:" + t.key, []).append(t)
+    search = kernels.block_search("four_over_six" if options.four_over_six else options.method, options.backend)
+    for members in groups.values():
+        pairs = [(weights[t.key], _channel_weights_of(t, options, weights[t.key].device)) for t in members]
+        base = global_scale_from_amax(shared[members[0].key])
+        if options.global_search:
+            gs, found = search_global(pairs, base, search)
+        else:
+            gs, found = base, [search(w, base, h) for w, h in pairs]
+        for t, (block, _) in zip(members, found):
+            out[t.key] = _scales_at(t, weights[t.key], amax[t.key], gs, block, options)
+    return set(search.backends)
+
+
+def _channel_weights_of(t: Target, options: _Options, device: torch.device) -> torch.Tensor | None:
+    if options.method != "weighted_mse":
+        return None
+    if t.key not in options.channel_weights:
+        raise ValueError(f"{t.key}: weighted_mse needs its channel weights (mean squared activations); "
+                         "they come from activation calibration (moequant.quantize with calibration data)")
+    return options.channel_weights[t.key].to(device)
+
+
+def _scales_at(t: Target, w, amax, gs, block, options: _Options) -> TensorScales:
+    """TensorScales with plain (unweighted) errors at the chosen scales and at "max" under the same global."""
+    err = _per_expert_sum(kernels.weight_squared_error(w, gs, block), t.kind)
+    _, sq_err_max, _ = kernels.search_block_scales_with_errors(w, gs, "max", options.backend)
+    return TensorScales(t.key, "nvfp4", options.label, amax, gs, block, err,
+                        _per_expert_sum(sq_err_max, t.kind), _sq_norm(w, t.kind))
 
 
 def _check_fp8(target: Target, w: torch.Tensor) -> None:

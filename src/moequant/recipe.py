@@ -5,7 +5,9 @@ YAML file. Every key is checked against the dataclasses below: an unknown key or
 file name and line. Defaults live only in these dataclasses; a YAML file states what differs from them.
 
     description: one line shown in ``--help`` and written into the checkpoint
-    weights:     {format: nvfp4 | fp8, method: max | mse}
+    weights:     {format: nvfp4 | fp8, method: max | mse | weighted_mse, global_search: bool,
+                  four_over_six: bool}   (see moequant.quantize; weighted_mse observes activations even
+                                          for weight-only recipes)
     activations: nvfp4 | fp8 | none          none = weight-only (W4A16 / W8A16), no input scales
     targets:     all | experts               experts = only the fused routed-experts containers
     include:     [module-path globs]         if given, only targets whose module path matches one
@@ -42,7 +44,9 @@ def _choice(*values: str) -> dict:
 @dataclass(frozen=True)
 class WeightSpec:
     format: str = field(default="nvfp4", metadata=_choice("nvfp4", "fp8"))
-    method: str = field(default="max", metadata=_choice("max", "mse"))  # NVFP4 block-scale search
+    method: str = field(default="max", metadata=_choice("max", "mse", "weighted_mse"))  # NVFP4 block scales
+    global_search: bool = False   # NVFP4: search the (group-shared) global scale too (8x the block search)
+    four_over_six: bool = False   # NVFP4 with method max: per block, block max to 6 or to 4
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,16 @@ class Recipe:
                 "(W4A4 / W8A8) or none (weight-only)")
         if fmt == "fp8" and self.weights.method != "max":
             raise RecipeError("weights.method: mse applies to NVFP4 block scales only; FP8 weights use max")
+        if fmt == "fp8" and (self.weights.global_search or self.weights.four_over_six):
+            raise RecipeError("weights.global_search / four_over_six apply to NVFP4 only")
+        if self.weights.four_over_six and self.weights.method != "max":
+            raise RecipeError("weights.four_over_six goes with method: max only (mse and weighted_mse already "
+                              "scan both of its candidates, so they are never worse)")
+
+    @property
+    def needs_channel_stats(self) -> bool:
+        """weighted_mse needs per-channel mean squared activations from the calibration forward."""
+        return self.weights.method == "weighted_mse"
 
     @property
     def input_scheme(self) -> str | None:
@@ -151,7 +165,11 @@ def _scalar(spec, value: _Located, key: str, source: str) -> Any:
         if not isinstance(v, list) or not all(isinstance(x.value, str) and x.value for x in v):
             raise RecipeError(f"{where}: {key} must be a list of module-path globs (strings), got {v!r}")
         return tuple(x.value for x in v)
-    if isinstance(default, bool) or not isinstance(default, (int, str)):
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise RecipeError(f"{where}: {key} must be true or false, got {v!r}")
+        return v
+    if not isinstance(default, (int, str)):
         raise TypeError(f"recipe field {key} has an unsupported type")  # programming error
     if isinstance(default, int) and (isinstance(v, bool) or not isinstance(v, int)):
         raise RecipeError(f"{where}: {key} must be an integer, got {v!r}")

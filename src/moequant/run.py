@@ -1,6 +1,8 @@
 """``quantize_model``: the whole job, read top to bottom (the CLI only parses arguments and calls this).
 
-    load model dir -> quantize (recipe, calibration, layer by layer) -> export (atomic) -> verify
+    model dir -> streamed quantize + export, one decoder layer in memory, resumable (``stream.py``)
+              (or, ``stream=False``: load the whole model -> quantize layer by layer -> export (atomic))
+              -> verify
     -> summary + report.html + moequant_report.json in the output directory
 """
 
@@ -15,10 +17,12 @@ from pathlib import Path
 import torch
 
 from moequant.data import load_tokenizer
+from moequant.distributed import Ranks, init_from_env
 from moequant.export import export
 from moequant.html_report import render
 from moequant.pipeline import QuantResult, quantize
 from moequant.recipe import load_recipe
+from moequant.stream import quantize_streamed
 from moequant.verify import VerifyResult, verify
 
 BUILTIN_SAMPLES, BUILTIN_SEQ_LEN = 16, 256  # the default model on a 2-core CPU: well under a minute
@@ -42,10 +46,9 @@ def weights_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def load_model(model_dir: Path):
-    """A local HF causal LM (its dtype as saved); errors name the directory and say what to do."""
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_model_dir(model_dir: Path):
+    """The config of a local HF model directory; errors name the directory and say what to do."""
+    from transformers import AutoConfig
 
     if not model_dir.is_dir():
         raise ModelDirError(f"{model_dir} is not a directory: give a local Hugging Face model directory")
@@ -59,6 +62,15 @@ def load_model(model_dir: Path):
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
         raise ModelDirError(f"{model_dir}: architecture model_type={model_type!r} is unknown to transformers "
                             f"{transformers.__version__}; upgrade transformers or use a supported model") from None
+    return config
+
+
+def load_model(model_dir: Path):
+    """A local HF causal LM (its dtype as saved); errors name the directory and say what to do."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    config = check_model_dir(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True)
     except SafetensorError as err:
@@ -94,30 +106,54 @@ def _overrides(samples, seq_len, kv_cache, dead_experts) -> dict:
 def quantize_model(model_dir: Path, out: Path | None = None, recipe: str = "nvfp4-mse", fmt: str = "modelopt",
                    calib=None, samples: int | None = None, seq_len: int | None = None, device: str = "auto",
                    kv_cache: str | None = None, dead_experts: str | None = None, overwrite: bool = False,
-                   progress: bool = True, log=print) -> QuantizeOutcome:
-    """Quantize ``model_dir`` with ``recipe`` and write a verified checkpoint to ``out``."""
+                   progress: bool = True, log=print, stream: bool = True) -> QuantizeOutcome | None:
+    """Quantize ``model_dir`` with ``recipe`` and write a verified checkpoint to ``out``.
+
+    ``stream`` (default): one decoder layer in memory at a time, read from the safetensors shards, with a
+    journal next to ``out`` that a rerun of a killed run continues from (``moequant.stream``); False: load
+    the whole model, then quantize and export it (``pipeline.quantize`` + ``export.export``): same bytes.
+    Under ``torchrun`` every rank calls this (``distributed.py``); ranks other than 0 return None."""
     seconds = {}
     rec = load_recipe(recipe, **_overrides(samples, seq_len, kv_cache, dead_experts))
     out = Path(out) if out is not None else Path.cwd() / f"{model_dir.name}-{rec.name}"
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output {out} exists and is not empty; choose another -o or pass --overwrite")
-    device = resolve_device(device)
-    t = time.perf_counter()
-    model = load_model(model_dir)
-    seconds["load"] = time.perf_counter() - t
-    tokenizer = load_tokenizer(model_dir) if rec.input_scheme or rec.kv_cache == "fp8" else None
-    t = time.perf_counter()
-    result = quantize(model, rec, calib, tokenizer=tokenizer, device=device, progress=progress)
-    seconds["quantize"] = time.perf_counter() - t
-    t = time.perf_counter()
-    export(model, result.state, out, format=fmt, overwrite=overwrite, source_dir=model_dir, recipe=rec)
-    seconds["export"] = time.perf_counter() - t
+    device = init_from_env(resolve_device(device))   # under torchrun: join the group, this rank's GPU
+    if not stream and Ranks.current() is not None:
+        raise ModelDirError("--no-stream runs in one process; under torchrun quantize streams (drop --no-stream)")
+    check_model_dir(model_dir)
+    needs_text = rec.input_scheme or rec.kv_cache == "fp8" or rec.needs_channel_stats
+    tokenizer = load_tokenizer(model_dir) if needs_text else None
+    if stream:
+        t = time.perf_counter()
+        result = quantize_streamed(model_dir, out, rec, fmt, calib, tokenizer=tokenizer, device=device,
+                                   overwrite=overwrite, progress=progress)
+        seconds["quantize+export (streamed)"] = time.perf_counter() - t
+        if result is None:   # a torchrun rank other than 0: it computed and sent; rank 0 wrote and verifies
+            return None
+    else:
+        result = _quantize_in_memory(model_dir, out, rec, fmt, calib, tokenizer, device, overwrite, progress,
+                                     seconds)
     t = time.perf_counter()
     checked = verify(out)
     seconds["verify"] = time.perf_counter() - t
     outcome = QuantizeOutcome(out, result, checked, seconds, weights_size(model_dir), weights_size(out))
     write_reports(outcome, model_dir, rec.name, fmt)
     return outcome
+
+
+def _quantize_in_memory(model_dir, out, rec, fmt, calib, tokenizer, device, overwrite, progress,
+                        seconds) -> QuantResult:
+    t = time.perf_counter()
+    model = load_model(model_dir)
+    seconds["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = quantize(model, rec, calib, tokenizer=tokenizer, device=device, progress=progress)
+    seconds["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    export(model, result.state, out, format=fmt, overwrite=overwrite, source_dir=model_dir, recipe=rec)
+    seconds["export"] = time.perf_counter() - t
+    return result
 
 
 def summary_lines(o: QuantizeOutcome, fmt: str) -> list[str]:

@@ -88,15 +88,15 @@ def test_interrupted_overwrite_keeps_previous_checkpoint(tmp_path):
 def test_export_interrupted_mid_shards_leaves_no_directory(tmp_path, monkeypatch):
     model, state = calibrated("qwen3_moe")
     calls = {"n": 0}
-    real_save = writer.save_file
+    real_save = writer.write_safetensors
 
-    def save_then_fail(tensors, path, metadata=None):
+    def save_then_fail(path, shard):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("No space left on device")
-        real_save(tensors, path, metadata=metadata)
+        real_save(path, shard)
 
-    monkeypatch.setattr(writer, "save_file", save_then_fail)
+    monkeypatch.setattr(writer, "write_safetensors", save_then_fail)
     with pytest.raises(OSError, match="No space"):
         export(model, state, tmp_path / "out", max_shard_bytes=SMALL_SHARD)
     assert calls["n"] == 3

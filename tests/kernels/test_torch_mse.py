@@ -208,3 +208,28 @@ def test_cuda_tensors_give_the_cpu_reference_bytes():
             assert torch.equal(fast.view(torch.uint8), ref.view(torch.uint8)), method
         err_fast = torch_mse.weight_squared_error(w.cuda(), gs.cuda(), ref.cuda()).cpu()
         assert torch.equal(err_fast.view(torch.int32), weight_squared_error(w, gs, ref).view(torch.int32))
+
+
+def test_quantize_pack_nvfp4_gives_the_reference_bytes():
+    """The export's packed codes: every E2M1 tie and boundary (both signs, +-1 ulp), zeros, saturation."""
+    from moequant.formats.fp4 import pack_fp4
+    from moequant.formats.nvfp4 import quantize_nvfp4
+
+    points = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 6.5, 7.0, 1e6])
+    near = torch.cat([points, torch.nextafter(points, points + 1), torch.nextafter(points, points - 1).abs()])
+    gen = _gen(12)
+    for global_f32 in (2.0**-8, 1.0 / 2688):
+        scale = e4m3_positive_values()[60] * global_f32
+        w = near[torch.randint(0, near.numel(), (40, 256), generator=gen)] * scale
+        w = w * (torch.randint(0, 2, w.shape, generator=gen) * 2.0 - 1.0)
+        w[0, :16] = -0.0
+        block = torch.full((40, 16), float(e4m3_positive_values()[60])).to(torch.float8_e4m3fn)
+        gs = torch.tensor(global_f32)
+        assert torch.equal(torch_mse.quantize_pack_nvfp4(w, gs, block), pack_fp4(quantize_nvfp4(w, gs, block)))
+    for seed in range(4):
+        w = _student_t((300, 512), 3, seed=300 + seed).to([torch.float32, torch.bfloat16][seed % 2])
+        gs = _own_global(w) * (0.25, 1.0, 3.0, 1e-30)[seed]
+        for method in ("max", "mse"):
+            block = torch_mse.search_block_scales(w, gs, method)
+            fast = torch_mse.quantize_pack_nvfp4(w, gs, block)
+            assert torch.equal(fast, pack_fp4(quantize_nvfp4(w, gs, block))), (seed, method)

@@ -231,6 +231,28 @@ def test_nan_in_decoded_fp8_weight(tmp_path):
     _assert_caught(path, "decoded_finite", f"{EXPERT}.0.up_proj")
 
 
+def test_decoded_overflow_in_nvfp4(ckpt):
+    """Finite, positive scales whose product overflows: the scale-based proof fails, the decode finds the infs."""
+    fmt, path = ckpt
+    module = f"{EXPERT}.2.gate_proj"
+    name = f"{module}.{GLOBAL[fmt]}"
+    huge = 3e37 if fmt == "modelopt" else 1e-37  # ct divides by its global scale
+    edit_checkpoint(path, lambda t: _scale(t, name, value=huge))
+    result = _assert_caught(path, "decoded_finite", module)
+    assert result.stats["decoded_modules"] == result.stats["quantized_modules"] - 1
+
+
+def test_large_but_finite_scales_pass(ckpt):
+    """The bound is not a threshold on the scale: a large global scale whose decode stays finite passes."""
+    fmt, path = ckpt
+    module = f"{EXPERT}.2.gate_proj"
+    names = [f"{module}.{GLOBAL[fmt]}", f"{EXPERT}.2.up_proj.{GLOBAL[fmt]}"]  # a fused pair keeps one value
+    value = 1e32 if fmt == "modelopt" else 1e-32
+    edit_checkpoint(path, lambda t: [_scale(t, n, value=value) for n in names])
+    result = verify(path)
+    assert result.ok, result.summary()
+
+
 def test_cli_exit_status(good, tmp_path, capsys):
     assert main([str(good["modelopt"])]) == 0
     assert "OK" in capsys.readouterr().out

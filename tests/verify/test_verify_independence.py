@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from moequant.verify import decode as verify_decode
-from moequant.verify.decode import decode_fp8, decode_nvfp4, fp4_codes, fp4_values
+from moequant.verify.checks import _e4m3_positive_max
+from moequant.verify.decode import decode_fp8, decode_nvfp4, fp4_codes, fp4_decode_bytes, fp4_values, nvfp4_finite_bound
 
 FORBIDDEN = ("moequant.formats", "moequant.kernels", "moequant.quantize", "moequant.export", "moequant.state",
              "moequant.plan", "moequant.discover", "moequant.models", "moequant.calibrate", "moequant.pipeline")
@@ -58,3 +59,36 @@ def test_block_and_global_scales_apply_per_16_inputs():
     assert torch.equal(ct, modelopt)
     fp8 = torch.tensor([1.5, -448.0]).to(torch.float8_e4m3fn)
     assert decode_fp8(fp8, torch.tensor([2.0])).tolist() == [3.0, -896.0]
+
+
+def test_byte_table_decodes_like_the_nibbles():
+    packed = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    fast, slow = fp4_decode_bytes(packed), fp4_values(fp4_codes(packed))
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))  # -0.0 included
+    assert fast.shape == (4, 128)
+
+
+def test_e4m3_byte_check_matches_the_float_check():
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    for value in every:
+        x = torch.stack([torch.tensor(1.0).to(torch.float8_e4m3fn), value])
+        xf = x.to(torch.float32)
+        good = bool((torch.isfinite(xf) & (xf > 0)).all())
+        largest = _e4m3_positive_max(x)
+        assert (largest is not None) == good
+        if good:
+            assert float(largest.to(torch.float32)) == float(xf.max())
+
+
+def test_finite_bound_is_exact_at_the_edge():
+    """fl(6 * 448 * g) is the largest decoded magnitude: finite just below the fp32 max, inf just above."""
+    top = torch.tensor([448.0]).to(torch.float8_e4m3fn)
+    fmax = torch.finfo(torch.float32).max
+    g_ok = torch.tensor(fmax / 2688.0, dtype=torch.float32)
+    while not bool(torch.isfinite(torch.tensor(2688.0) * g_ok)):
+        g_ok = torch.nextafter(g_ok, torch.tensor(0.0))
+    g_bad = torch.nextafter(g_ok, torch.tensor(float("inf")))
+    for g, finite in ((g_ok, True), (g_bad, False)):
+        decoded = decode_nvfp4(torch.full((1, 8), 0x77, dtype=torch.uint8), top, g, "modelopt")
+        assert bool(torch.isfinite(decoded).all()) == finite
+        assert nvfp4_finite_bound(top, g, "modelopt") == finite

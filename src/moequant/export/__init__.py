@@ -18,12 +18,18 @@ from pathlib import Path
 from torch import nn
 
 from moequant.export import common, compressed_tensors, hf_files, modelopt_hf
-from moequant.export.writer import DEFAULT_MAX_SHARD_BYTES, ExportError, TensorSpec, natural_key, write_checkpoint
+from moequant.export.writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ExportError,
+    TensorSpec,
+    natural_key,
+    write_checkpoint,
+)
 from moequant.state import QuantState
 
 FORMATS = ("modelopt", "compressed-tensors")
 
-__all__ = ["FORMATS", "ExportError", "TensorSpec", "export"]
+__all__ = ["FORMATS", "ExportError", "TensorSpec", "checkpoint_extras", "export", "tensor_specs"]
 
 
 def _metadata(state: QuantState, fmt: str, recipe) -> dict:
@@ -39,15 +45,44 @@ def _metadata(state: QuantState, fmt: str, recipe) -> dict:
             "kv_scheme": state.kv_scheme, "recipe": recipe, "notes": list(state.notes)}
 
 
-def _format_parts(model: nn.Module, state: QuantState, fmt: str) -> tuple[list[TensorSpec], dict, dict | None]:
-    """(quantized tensor specs, config.json quantization_config, hf_quant_config.json or None)."""
+def format_configs(model: nn.Module, state: QuantState, fmt: str) -> tuple[dict, dict | None]:
+    """(config.json ``quantization_config``, hf_quant_config.json or None); reads only the plan and scalars."""
     from moequant import __version__
 
     exclude = common.excluded_modules(model, state, fmt)
     if fmt == "modelopt":
         hf_quant, flat = modelopt_hf.configs(state, exclude, {"name": "moequant", "version": __version__})
-        return modelopt_hf.tensor_specs(model, state), flat, hf_quant
-    return compressed_tensors.tensor_specs(model, state), compressed_tensors.quantization_config(state, exclude), None
+        return flat, hf_quant
+    return compressed_tensors.quantization_config(state, exclude), None
+
+
+def tensor_specs(model: nn.Module, state: QuantState, fmt: str, prefix: str = "",
+                 exclude_prefix: str | None = None) -> list[TensorSpec]:
+    """Every tensor of the checkpoint (quantized targets, KV scales, unquantized tensors under ``prefix``)."""
+    if state.plan.targets:
+        common.check_exportable(state)
+        mod = modelopt_hf if fmt == "modelopt" else compressed_tensors
+        quantized = mod.tensor_specs(model, state)
+    else:  # a part without quantized targets (a dense layer under an experts-only recipe): KV scales only
+        quantized = modelopt_hf.kv_specs(state) if fmt == "modelopt" else compressed_tensors.kv_specs(state)
+    return common.unquantized_specs(model, state, prefix, exclude_prefix) + quantized
+
+
+def checkpoint_extras(model: nn.Module, state: QuantState, fmt: str, source_dir, recipe):
+    """``write_extras(tmp_dir)`` writing config.json, hf_quant_config.json, generation config, tokenizer."""
+    qconfig, hf_quant = format_configs(model, state, fmt)
+    config = hf_files.model_config_dict(model)
+    config["quantization_config"] = qconfig
+    config["moequant"] = _metadata(state, fmt, recipe)
+
+    def write_extras(tmp: Path) -> None:
+        hf_files.copy_source_files(source_dir, tmp)
+        hf_files.write_json(tmp / "config.json", config)
+        if hf_quant is not None:
+            hf_files.write_json(tmp / "hf_quant_config.json", hf_quant)
+        hf_files.write_generation_config(model, source_dir, tmp)
+
+    return write_extras
 
 
 def export(
@@ -65,17 +100,6 @@ def export(
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; expected one of {FORMATS}")
     common.check_exportable(state)
-    quantized, qconfig, hf_quant = _format_parts(model, state, format)
-    specs = sorted(common.unquantized_specs(model, state) + quantized, key=lambda s: natural_key(s.name))
-    config = hf_files.model_config_dict(model)
-    config["quantization_config"] = qconfig
-    config["moequant"] = _metadata(state, format, recipe)
-
-    def write_extras(tmp: Path) -> None:
-        hf_files.copy_source_files(source_dir, tmp)
-        hf_files.write_json(tmp / "config.json", config)
-        if hf_quant is not None:
-            hf_files.write_json(tmp / "hf_quant_config.json", hf_quant)
-        hf_files.write_generation_config(model, source_dir, tmp)
-
+    specs = sorted(tensor_specs(model, state, format), key=lambda s: natural_key(s.name))
+    write_extras = checkpoint_extras(model, state, format, source_dir, recipe)
     return write_checkpoint(out_dir, specs, write_extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

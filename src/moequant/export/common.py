@@ -1,12 +1,15 @@
 """What both formats share: exportability checks, unquantized tensors, excluded names, weight codes.
 
-Codes are computed here from the state's scales (``formats.nvfp4.quantize_nvfp4`` + ``formats.fp4.pack_fp4``,
+Codes are computed here from the state's scales (``formats.nvfp4.quantize_nvfp4`` + ``formats.fp4.pack_fp4``, for 2-D
+NVFP4 slices through their byte-identical twin ``kernels.torch_mse.quantize_pack_nvfp4``,
 ``formats.fp8.quantize_fp8_tensor``); no scale is re-derived at export. Names come from the plan's on-disk
 slices (transformers' own save-time conversion), so experts are written per expert under their hub names
 (``...experts.{e}.gate_proj``, Mixtral ``...block_sparse_moe.experts.{e}.w1``).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -15,6 +18,7 @@ from moequant.export.writer import ExportError, TensorSpec, natural_key
 from moequant.formats.fp4 import pack_fp4
 from moequant.formats.fp8 import quantize_fp8_tensor
 from moequant.formats.nvfp4 import BLOCK_SIZE, quantize_nvfp4
+from moequant.kernels import torch_mse
 from moequant.models.disk_names import disk_slices, revert_weight_conversion
 from moequant.plan import Target
 from moequant.quantize import canonical_weight
@@ -44,6 +48,19 @@ def _check_target_layout(target: Target) -> None:
         raise ExportError(FUSED_ON_DISK_REFUSAL.format(key=target.key))
     for s in target.slices:
         module_name(s.name)
+
+
+@contextmanager
+def _one_thread():
+    """torch's intra-op threads set to 1 meanwhile (process-wide, restored in ``finally``): thousands of small
+    scale checks, each a parallel region that waits milliseconds whenever the other core is busy (measured
+    on a loaded 2-core machine: 38 s for this export's checks with 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_finite_positive(name: str, what: str, x: torch.Tensor | None) -> None:
@@ -88,13 +105,14 @@ def check_exportable(state: QuantState) -> None:
         if target.key not in state.tensors:
             raise ExportError(f"{target.key}: in the plan but not calibrated; run calibrate_weights on this plan")
         _check_target_layout(target)
-    for name, rec in state.records().items():
-        _check_finite_positive(name, "global scale", rec.global_scale)
-        _check_finite_positive(name, "block scale", rec.block_scale)
-        _check_finite_positive(name, "input scale", rec.input_scale)
-    for path, kv in state.kv_cache.items():
-        _check_finite_positive(path, "k_scale", kv.k_scale)
-        _check_finite_positive(path, "v_scale", kv.v_scale)
+    with _one_thread():
+        for name, rec in state.records().items():
+            _check_finite_positive(name, "global scale", rec.global_scale)
+            _check_finite_positive(name, "block scale", rec.block_scale)
+            _check_finite_positive(name, "input scale", rec.input_scale)
+        for path, kv in state.kv_cache.items():
+            _check_finite_positive(path, "k_scale", kv.k_scale)
+            _check_finite_positive(path, "v_scale", kv.v_scale)
     if state.kv_cache and state.kv_scheme is None:
         raise ExportError("state.kv_cache has scales but state.kv_scheme is None; set kv_scheme='fp8'")
     scheme_of(state)
@@ -112,12 +130,15 @@ def slice_weight(model: nn.Module, target: Target, rec: Record) -> torch.Tensor:
 
 def nvfp4_packed(model: nn.Module, target: Target, rec: Record) -> torch.Tensor:
     """Packed FP4 codes (uint8 ``[rows, K/2]``, low nibble = even element) from the state's scales."""
-    w = slice_weight(model, target, rec)
-    return pack_fp4(quantize_nvfp4(w, rec.global_scale, rec.block_scale))
+    w = slice_weight(model, target, rec)  # scales live on the CPU; the weight may be on a GPU: quantize there
+    if w.ndim == 2 and rec.global_scale.numel() == 1:  # the same bytes, without the reference's slow compares
+        return torch_mse.quantize_pack_nvfp4(w, rec.global_scale.to(w.device), rec.block_scale.to(w.device))
+    return pack_fp4(quantize_nvfp4(w, rec.global_scale.to(w.device), rec.block_scale.to(w.device)))
 
 
 def fp8_weight(model: nn.Module, target: Target, rec: Record) -> torch.Tensor:
-    return quantize_fp8_tensor(slice_weight(model, target, rec), rec.global_scale)
+    w = slice_weight(model, target, rec)
+    return quantize_fp8_tensor(w, rec.global_scale.to(w.device))
 
 
 def packed_shape(target: Target, rec: Record) -> tuple[int, int]:
@@ -134,12 +155,17 @@ def block_cols(target: Target) -> int:
     return target.shape[-1] // BLOCK_SIZE
 
 
-def unquantized_specs(model: nn.Module, state: QuantState) -> list[TensorSpec]:
-    """Every tensor ``save_pretrained`` would write that is not a quantized target, original dtype and name."""
+def unquantized_specs(model: nn.Module, state: QuantState, prefix: str = "",
+                      exclude_prefix: str | None = None) -> list[TensorSpec]:
+    """Every tensor ``save_pretrained`` would write that is not a quantized target, original dtype and name.
+
+    Only in-memory tensors under ``prefix`` and not under ``exclude_prefix`` (streaming writes one decoder
+    layer at a time; the others may be on the meta device)."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     targets = {t.key for t in state.plan.targets}
-    sd = {k: v for k, v in model.state_dict().items() if k not in targets}
+    sd = {k: v for k, v in model.state_dict().items() if k not in targets and k.startswith(prefix)
+          and not (exclude_prefix and k.startswith(exclude_prefix))}
     sd = remove_tied_weights_from_state_dict(sd, model)
     reverted = revert_weight_conversion(model, sd)
     quantized = {s.name for t in state.plan.targets for s in t.slices}

@@ -94,6 +94,11 @@ def tensor_specs(model: nn.Module, state: QuantState) -> list[TensorSpec]:
             specs.extend(_nvfp4_specs(model, state, name, rec, target))
         else:
             specs.extend(_fp8_specs(model, name, rec, target))
+    return specs + kv_specs(state)
+
+
+def kv_specs(state: QuantState) -> list[TensorSpec]:
+    specs = []
     for path in common.kv_paths(state):
         kv = state.kv_cache[path]
         specs.append(common.scalar_spec(f"{path}.k_scale", kv.k_scale, (1,)))

@@ -83,7 +83,7 @@ def _record_specs(model: nn.Module, state: QuantState, algo: str) -> list[Tensor
     return specs
 
 
-def _kv_specs(state: QuantState) -> list[TensorSpec]:
+def kv_specs(state: QuantState) -> list[TensorSpec]:
     specs = []
     for path in common.kv_paths(state):
         kv = state.kv_cache[path]
@@ -94,7 +94,7 @@ def _kv_specs(state: QuantState) -> list[TensorSpec]:
 
 def tensor_specs(model: nn.Module, state: QuantState) -> list[TensorSpec]:
     """Every quantized tensor and KV scale of the checkpoint (unquantized tensors come from ``common``)."""
-    return _record_specs(model, state, quant_algo(state)) + _kv_specs(state)
+    return _record_specs(model, state, quant_algo(state)) + kv_specs(state)
 
 
 def _activation_args(algo: str) -> dict | None:

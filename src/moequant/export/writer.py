@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
@@ -83,6 +82,45 @@ def _build(spec: TensorSpec) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def _shard_order(shard: list[TensorSpec]) -> list[TensorSpec]:
+    """Wider dtypes first (so every tensor starts at a multiple of its element size), then by name."""
+    return sorted(shard, key=lambda s: (-torch.empty((), dtype=s.dtype).element_size(), natural_key(s.name)))
+
+
+def write_safetensors(path: Path, shard: list[TensorSpec]) -> None:
+    """Write one safetensors file building ONE tensor at a time (peak memory: the largest tensor).
+
+    Format (safetensors spec): u64 little-endian header length, a JSON header ``{"__metadata__": {...},
+    name: {"dtype", "shape", "data_offsets": [begin, end]}}`` padded with spaces to a multiple of 8 bytes,
+    then the tensors' bytes back to back, offsets relative to the end of the header.
+    """
+    order = _shard_order(shard)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for spec in order:
+        if spec.dtype not in SAFETENSORS_DTYPES:
+            raise ExportError(f"{spec.name}: dtype {spec.dtype} cannot be written to safetensors")
+        header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for spec in order:
+            t = _build(spec)
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            del t
+
+
 def write_shards(directory: Path, specs: list[TensorSpec], max_shard_bytes: int) -> dict:
     """Write ``specs`` as shards plus index into ``directory``; returns the index dict."""
     names = [s.name for s in specs]
@@ -93,12 +131,10 @@ def write_shards(directory: Path, specs: list[TensorSpec], max_shard_bytes: int)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, start=1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {spec.name: _build(spec) for spec in shard}
-        save_file(tensors, str(directory / filename), metadata={"format": "pt"})
+        write_safetensors(directory / filename, shard)
         for spec in shard:
             weight_map[spec.name] = filename
             total += spec.nbytes
-        del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index

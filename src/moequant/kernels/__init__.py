@@ -84,3 +84,49 @@ def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scal
     from moequant.kernels import torch_mse
 
     return torch_mse.weight_squared_error(w, global_scale, block_scale)
+
+
+def search_weighted_block_scales(
+    w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, str]:
+    """Activation-weighted exact block scales (``formats.weighted_mse``), and the backend used.
+
+    Only the vectorized torch twin exists (it runs on CPU and CUDA): ``backend="triton"`` raises, "auto" picks
+    "torch" on every device (recorded as such).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "triton":
+        raise BackendUnavailable("weighted_mse has no Triton kernel yet; use backend='torch' or 'auto'")
+    from moequant.kernels import torch_weighted
+
+    return torch_weighted.search_weighted(w, global_scale, h), "torch"
+
+
+def block_search(method: str, backend: str = "auto"):
+    """A ``formats.global_search.BlockSearch`` for ``method`` on the fast paths, bit-identical to
+    ``formats.global_search.reference_block_search(method)``; ``.backends`` collects the backends used."""
+    from moequant.formats import four_over_six as fos
+    from moequant.formats.nvfp4 import to_blocks
+    from moequant.formats.weighted_mse import channel_blocks, weighted_weight_error
+
+    used: set[str] = set()
+
+    def run(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None):
+        if method == "four_over_six":
+            used.add("torch")
+            return fos.four_over_six_block_scales(to_blocks(w), g, channel_blocks(h, w) if h is not None else None)
+        if method == "weighted_mse":
+            scales, b = search_weighted_block_scales(w, g, h, backend)
+        elif method in ("mse", "max"):
+            scales, err, b = search_block_scales_with_errors(w, g, method, backend)
+            used.add(b)
+            if h is None:
+                return scales, err
+        else:
+            raise ValueError(f"unknown block-scale method {method!r}")
+        used.add(b)
+        return scales, weighted_weight_error(w, g, scales, h)
+
+    run.backends = used
+    return run

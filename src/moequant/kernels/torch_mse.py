@@ -1,12 +1,13 @@
 """Vectorized torch twin of ``moequant.formats.mse.search_block_scales_reference`` (any device).
 
 Same contract, bit-identical float8_e4m3fn block scales. Work is done per batch index (expert) and per chunk
-of blocks, element-major (``[16, n]``), so that every intermediate (about 1 MiB) stays in cache.
-"mse" evaluates, per block, only a window of candidates that provably contains the reference's answer,
-each with the reference's exact fp32 arithmetic (``block_error_f32``).
+of blocks, element-major (``[16, n]``), into buffers reused across candidates, so that every intermediate
+(about 1 MiB) stays in cache and nothing is allocated per candidate. "mse" evaluates, per block, only a window
+of candidates that provably contains the reference's answer (about 9 of 126 on real weights), each with the
+reference's exact fp32 arithmetic (``block_error_f32``).
 
 Notation: candidates ``c_0 < ... < c_125`` (E4M3 bits 1..126), ``s_j = fl(c_j * g)``, ``E_j`` the fp32 block
-error of ``nvfp4.block_squared_error`` at ``s_j``; ``fl`` is round-to-nearest-even fp32, ``u = 2^-24``.
+error of ``nvfp4.block_squared_error`` at ``s_j``; ``fl`` is round-to-nearest-even fp32, ``A`` the block amax.
 The reference answer is the smallest ``j`` whose ``E_j`` is strictly below every earlier ``E_i`` and not above
 any later one (NaN/inf never replace the initial +inf; with no finite ``E_j`` it is ``j = 0``).
 
@@ -15,34 +16,34 @@ Proof sketch that the fast path returns the same index:
     the reference itself runs). Then ``s_j`` is non-decreasing in j (``fl`` is monotone), ``x = fl(|w|/s)``
     is in [0, +inf], never NaN, and ``E_j`` depends on ``w`` only through ``|w|``: ``fl(|w|/s) = |fl(w/s)|``,
     a negative value's code is the negated code of its magnitude (or +0), and RN is sign-symmetric, so
-    ``deq``'s magnitude and every ``d_i^2`` are unchanged. The ops are the reference's, one by one (no FMA).
+    ``deq``'s magnitude and every ``d_i^2`` are unchanged. The ops are the reference's, one by one (no FMA
+    that could change a rounding: see step 1). ``E_j`` is in [0, +inf], never NaN (``|w|`` is finite).
  1. ``e2m1_magnitude_f32`` equals the reference's encode+decode on ``x`` in [0, +inf]: clamping at 6 changes
-    no code (everything above 5 codes to 6; +inf too); on [0, 2), [2, 4), [4, 6] the grid is uniform with
-    step ``0.5 * max(2^floor(log2 x), 1)`` = 0.5, 1, 2 (x < 1, zero and subnormals included, gets 0.5), the
-    even codes are the even multiples of the step, so ``round_half_even(x / step) * step`` (exact: the step
-    is a power of two) applies the reference's ties: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4,
-    5->4 (1.75 and 3.5 round up into the next range's first value, as they must).
- 2. Let m be the block's "max" candidate (computed with the ops of ``nvfp4.max_block_scales``, so "max" is
-    identical too) and ``U = E_m``, finite. The answer a has ``E_a <= U``, and ``E_a < U`` if a < m (tie
-    rule). So j < m with ``E_j > U`` and j > m with ``E_j >= U`` are never the answer.
-    ``fl`` is monotone, so a sequential fp32 sum of non-negative terms is monotone in every term and at
-    least each term: lower bounds on some terms of ``E_j`` (others >= 0) give an exact fp32 lower bound.
- 3. Lower end. Every E2M1 magnitude is <= 6, so for the element with ``|w_i| = amax``,
-    ``|d_i| >= fl(amax - fl(6 s_j))`` whenever that is >= 0 (monotone rounding), hence
-    ``E_j >= B_j = fl(relu(fl(amax - fl(6 s_j)))^2)``, computed with exactly these ops. ``B_j`` is
-    non-increasing in j, so ``B_{lo-1} > U`` proves ``E_j > U`` for every ``j < lo``. ``lo`` is estimated
-    from ``amax - sqrt(U)`` (any estimate would do) and kept only if that exact test passes (else a
-    smaller estimate, finally 0); ``lo <= m``.
- 4. Upper end. Take ``h = fl(0.5 s_k)`` and an element ``a = |w_i|``. If ``h > a`` then ``0.5 s_k > a`` (else
-    monotone rounding would give ``h <= a``), so for every ``j >= k``: ``fl(a / s_j) <= 0.5`` and the code is
-    0 (term ``fl(a^2)``) or 0.5, whose ``deq = fl(0.5 s_j) >= h > a`` gives ``|d| >= fl(h - a)``. Either way the
-    term is ``>= fl(min(a, fl(h - a))^2)``; for ``h <= a`` the bound ``fl(min(a, relu(fl(h - a)))^2)`` is 0.
-    So ``Z_k``, the index-order fp32 sum of these bounds, satisfies ``E_j >= Z_k`` for all ``j >= k``. Any
-    k > m with ``Z_k >= U`` thus proves ``hi = k - 1``; a short binary search looks for a small such k
-    (``Z_k`` grows with k, which only matters for how small), else ``hi = 125``; ``hi >= m``.
- 5. The window [lo, hi] contains every candidate that could be the answer; it is scanned in ascending order
-    with the reference's strict ``<`` update, so the first minimum wins as in the reference. If U is not
-    finite, the window is all 126 candidates (plain exhaustive search with the same arithmetic).
+    no code (everything above 5 codes to 6; +inf too). On [0, 2), [2, 4), [4, 6] the E2M1 grid is uniform
+    with step 0.5, 1, 2 and its even codes are the even multiples of the step. With ``M = 2^22 *
+    2^floor(log2(max(x, 1)))`` (= 2^22, 2^23, 2^24 on those ranges; an exponent mask on ``max(x, 1)``, exact),
+    ``fl(x + M)`` lies in [M, 2M) whose ulp is exactly that step, so it is ``M + RNE(x)`` on the grid, ties
+    to the even multiple (the sum's last significand bit); ``- M`` is exact (Sterbenz). That is the
+    reference's rounding: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4 (1.75 and 3.5 round up
+    into the next range's first value, as they must). torch's ``add_(M, alpha=2^22)`` multiplies exactly
+    (a power of two), so fused or not it rounds once, as ``fl(x + 2^22 M')`` must.
+ 2. Upper end (doubling lemma, proven in ``kernels/triton_mse.py``'s docstring and docs/gpu-mse.md): for
+    ``k >= 7``, ``s_k >= 2^-125``, ``2 s_k`` finite and ``fl(A / s_k) < 7``: ``E_{k+8} >= E_k``. With
+    ``k7 = min{k : A < (7 - 2^-22) s_k}`` (an exact fp64 comparison equivalent to ``fl(A/s_k) < 7``) and
+    ``k1 = max(k7, 7)``: if ``s_{k1} >= 2^-125`` every candidate above ``k1 + 7`` chains down in steps of 8
+    to one in [k1, k1 + 7] with no larger error, and loses the tie by its larger index: ``hi = k1 + 7``
+    (capped at 125; 125 when the guard fails). ``A == 0`` makes every ``E_j`` 0: the answer is 0.
+ 3. Lower end. Every E2M1 magnitude is <= 6, so for the element with ``|w_i| = A``,
+    ``|d_i| >= fl(A - fl(6 s_j))`` whenever that is >= 0 (monotone rounding), and an index-order fp32 sum of
+    non-negative terms is at least each term: ``E_j >= B_j = fl(relu(fl(A - fl(6 s_j)))^2)``, computed with
+    exactly these ops. ``B_j`` is non-increasing in j, so once ``B_{lo-1} > best`` (the minimum over the
+    scanned [lo, hi], which holds the answer's error), every ``j < lo`` has ``E_j > E_answer``.
+ 4. The scan: [lo, hi] with ``lo = k7 - 1`` (any start is exact; this one needs the extension for under 1%
+    of real blocks) ascending with the reference's strict ``<`` from +inf (the first minimum wins); then
+    ``lo`` moves down one candidate at a time while ``B_{lo-1} <= best``, taking a candidate on ``<=``
+    (a lower index wins a tie). The result is the smallest index of the minimum over [lo, hi] and no index
+    outside can be the answer. With no finite error the extension runs to 0 and returns 0, as the
+    reference does.
 """
 
 from __future__ import annotations
@@ -57,35 +58,71 @@ from moequant.formats.mse import METHODS, search_block_scales_reference
 from moequant.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, block_squared_error, expand_global
 
 NUM_CANDIDATES = 126
-BLOCKS_PER_CHUNK = 16384  # [16, chunk] fp32 = 1 MiB per intermediate (about one core's L2)
-UPPER_SPAN = 32  # the window end is searched in (m, m + 32]
-UPPER_PROBES = 4  # binary-search steps for it (end within 2 candidates of the best the bound allows)
+BLOCKS_PER_CHUNK = 32768  # blocks per work item: per-block ([n]) bookkeeping amortizes its per-op overhead
+SUB_BLOCKS = 8192  # [16, sub] fp32 = 512 KiB: |w| slice + two scratch buffers stay in one core's L2
+MAIN_WIDTH = 9  # candidates every block scans (k7 - 1 .. k7 + 7); wider windows continue on a subset
+DOUBLING_MIN_SCALE = 2.0**-125  # proof step 2's guard
+SEVEN = 7.0
+SEVEN_BELOW = 7.0 - 2.0**-22  # A < (7 - 2^-22) s  <=>  fl(A / s) < 7 (25 significant bits: exact in fp64)
 _EXPONENT_MASK = 0x7F800000
-_ONE_BITS = 0x3F800000  # float32 1.0
+_MAGIC_SHIFT = 2.0**22  # M = 2^22 * 2^floor(log2 max(x, 1)): fl(x + M) - M rounds x onto the E2M1 grid
+
+
+class Scratch:
+    """Two fp32 scratch tensors ``[16, n]`` for ``block_error_f32``, reused across candidates (no allocation
+    per candidate), with the second one's row views made once."""
+
+    def __init__(self, shape, device):
+        self.q = torch.empty(shape, dtype=torch.float32, device=device)
+        self.r = torch.empty(shape, dtype=torch.float32, device=device)
+        self.r_rows = self.r.unbind(0)
+
+
+def e2m1_round_(x: torch.Tensor, magic: torch.Tensor) -> torch.Tensor:
+    """In place: E2M1 value of finite-or-+inf ``x >= 0`` (fp32), the reference's rounding (proof step 1).
+
+    ``magic`` is scratch of ``x``'s shape (overwritten)."""
+    x.clamp_max_(E2M1_MAX)
+    torch.clamp_min(x, 1.0, out=magic)
+    magic.view(torch.int32).bitwise_and_(_EXPONENT_MASK)  # 2^floor(log2 max(x, 1)): 1, 2 or 4
+    return x.add_(magic, alpha=_MAGIC_SHIFT).sub_(magic, alpha=_MAGIC_SHIFT)
 
 
 def e2m1_magnitude_f32(x: torch.Tensor) -> torch.Tensor:
     """E2M1 value of finite-or-+inf ``x >= 0`` (fp32), the reference's rounding (proof step 1). Consumes x."""
-    x = x.clamp_max_(E2M1_MAX)
-    mask = torch.tensor(_EXPONENT_MASK, dtype=torch.int32, device=x.device)
-    step_bits = (x.view(torch.int32) & mask).clamp_min_(_ONE_BITS)  # max(2^floor(log2 x), 1)
-    step = step_bits.view(torch.float32).mul_(0.5)
-    return torch.round(x.div_(step)).mul_(step)
+    return e2m1_round_(x, torch.empty_like(x))
 
 
-def block_error_f32(wabs_t: torch.Tensor, scale_f32: torch.Tensor) -> torch.Tensor:
+def block_error_f32(wabs_t: torch.Tensor, scale_f32: torch.Tensor, scratch: Scratch | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 squared error ``[n]`` of blocks ``|w|`` stored element-major ``[16, n]`` at scales ``[n]``.
 
     Op for op ``nvfp4.block_squared_error`` (proof steps 0-1): divide, E2M1 round, multiply, subtract,
-    square, then a left-to-right sum over the 16 elements.
+    square, then a left-to-right sum over the 16 elements (into ``out`` if given).
     """
-    deq = e2m1_magnitude_f32(wabs_t / scale_f32).mul_(scale_f32)  # [16, n]
-    diff = torch.sub(wabs_t, deq, out=deq)
-    sq = diff.mul_(diff)
-    total = sq[0].clone()
-    for i in range(1, BLOCK_SIZE):
-        total.add_(sq[i])
+    scratch = scratch if scratch is not None else Scratch(wabs_t.shape, wabs_t.device)
+    q = torch.div(wabs_t, scale_f32, out=scratch.q)
+    deq = e2m1_round_(q, scratch.r).mul_(scale_f32)  # [16, n]
+    diff = torch.sub(wabs_t, deq, out=scratch.r)
+    diff.mul_(diff)
+    rows = scratch.r_rows
+    total = torch.add(rows[0], rows[1], out=out) if out is not None else torch.add(rows[0], rows[1])
+    for i in range(2, BLOCK_SIZE):
+        total.add_(rows[i])
     return total
+
+
+def _errors_sliced(wabs_t: torch.Tensor, scale_f32: torch.Tensor) -> torch.Tensor:
+    """``block_error_f32`` over column slices of ``SUB_BLOCKS`` blocks (each slice's work stays in cache)."""
+    n = wabs_t.shape[1]
+    out = torch.empty(n, dtype=torch.float32, device=wabs_t.device)
+    scratch = None
+    for start in range(0, n, SUB_BLOCKS):
+        stop = min(start + SUB_BLOCKS, n)
+        if scratch is None or scratch.q.shape[1] != stop - start:
+            scratch = Scratch((BLOCK_SIZE, stop - start), wabs_t.device)
+        block_error_f32(wabs_t[:, start:stop], scale_f32[start:stop], scratch, out=out[start:stop])
+    return out
 
 
 def _saturation_bound(amax: torch.Tensor, scale_f32: torch.Tensor) -> torch.Tensor:
@@ -94,80 +131,103 @@ def _saturation_bound(amax: torch.Tensor, scale_f32: torch.Tensor) -> torch.Tens
     return gap * gap
 
 
-def _lower_end(amax, upper, max_index, scale_table, global_f32):
-    """Smallest window start ``[n]`` proven by proof step 3 (estimate, then exact check; fallback 0)."""
-    target = ((amax - upper.sqrt()) / E2M1_MAX / global_f32).clamp_(E4M3_MIN_SUBNORMAL, 448.0)
-    estimate = target.to(torch.float8_e4m3fn).view(torch.uint8).long() - 1  # nearest candidate index
-    lo = torch.zeros_like(max_index)
-    for back in (2, 0):  # tried from the weakest; the last that verifies wins
-        start = torch.minimum((estimate - back).clamp_(min=0), max_index)
-        below = scale_table.index_select(0, (start - 1).clamp_(min=0))
-        proven = (start == 0) | (_saturation_bound(amax, below) > upper)
-        lo = torch.where(proven, start, lo)
-    return lo
+def _below_seven(amax: torch.Tensor, scale_table: torch.Tensor, global_f32: torch.Tensor) -> torch.Tensor:
+    """An index ``k >= k7 = min{k : fl(A / s_k) < 7}`` (126 if none is found), almost always k7 itself.
+
+    ``est``, the e4m3 rounding of ``A / 7 / g``, is k7 or k7 - 1 on real weights; the exact test (an IEEE
+    fp32 division) is monotone in k, so a passing ``est`` or ``est + 1`` is >= k7. Neither: 126."""
+    est = round_to_e4m3((amax / SEVEN / global_f32).clamp_min_(E4M3_MIN_SUBNORMAL)).view(torch.uint8).long() - 1
+    fail_est = amax / scale_table.index_select(0, est) >= SEVEN
+    fail_next = amax / scale_table.index_select(0, (est + 1).clamp_(max=NUM_CANDIDATES - 1)) >= SEVEN
+    return est.add_(fail_est).masked_fill_(fail_est & fail_next, NUM_CANDIDATES)
 
 
-def _tail_bound(wabs_t, k, scale_table):
-    """``Z_k`` of proof step 4, ``[n]``: index-order fp32 sum of ``min(|w|, relu(fl(s_k / 2) - |w|))^2``."""
-    half = scale_table.index_select(0, k.clamp(max=NUM_CANDIDATES - 1)).mul_(0.5)  # fl(0.5 s_k), [n]
-    bound = torch.minimum(torch.sub(half, wabs_t).clamp_min_(0.0), wabs_t)  # [16, n]
-    terms = bound.mul_(bound)
-    total = terms[0].clone()
-    for i in range(1, BLOCK_SIZE):
-        total.add_(terms[i])
-    return total
+def _window(amax, scale_table, global_f32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scan start ``lo`` and proven end ``hi`` ``[n]`` (int64) of proof steps 2 and 4, with
+    ``lo <= NUM_CANDIDATES - MAIN_WIDTH`` and ``lo <= hi - MAIN_WIDTH + 1`` where possible: the first
+    ``MAIN_WIDTH`` candidates from ``lo`` exist, and scanning past ``hi`` is harmless (those never win)."""
+    k7 = _below_seven(amax, scale_table, global_f32)
+    k1 = k7.clamp(min=7)
+    hi = (k1 + 7).clamp_(max=NUM_CANDIDATES - 1)  # k1 = 126 (nothing proven) also gives 125
+    guarded = int((scale_table < DOUBLING_MIN_SCALE).sum())  # s_j >= 2^-125 exactly for j >= guarded
+    if guarded > 7:  # a tiny global scale: the doubling lemma's guard fails for some blocks
+        hi.masked_fill_(k1 < guarded, NUM_CANDIDATES - 1)
+    lo = torch.minimum(k7 - 1, hi - (MAIN_WIDTH - 1)).clamp_(0, NUM_CANDIDATES - MAIN_WIDTH)
+    return lo, hi
 
 
-def _upper_end(wabs_t, upper, max_index, scale_table):
-    """Window end ``[n]`` proven by proof step 4: binary search for the first k > m with ``Z_k >= U``.
+def _first_minimum(errors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, index of its first occurrence) over dim 0 of ``errors [C, n]`` (never NaN): what the reference's
+    strict-``<`` scan from +inf over the rows in order keeps (all +inf: index 0, where +inf == +inf).
+    ``torch.min(dim=0)`` returns the same but runs several times slower on CPU."""
+    best = errors.amin(dim=0)
+    rows = torch.arange(errors.shape[0], dtype=torch.float32, device=errors.device).unsqueeze(1)
+    key = torch.ne(errors, best).to(torch.float32).mul_(errors.shape[0]).add_(rows)  # row, or C + row
+    return best, key.amin(dim=0).long()
 
-    ``Z_k`` is non-decreasing in k. The bracket is (m, m + UPPER_SPAN]; if no probe proves anything the
-    end stays at 125 (the bracket's right end is only assumed, never used unproven).
+
+def _mse_chunk(wabs_t, amax, scale_table, global_f32) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Best candidate index ``[n]``, its fp32 error ``[n]`` and the number of candidates evaluated.
+
+    Per-block bookkeeping (``[n]`` tensors) runs once over the whole chunk; the ``[16, n]`` error work runs
+    over column slices of ``SUB_BLOCKS`` blocks, each slice's 9 candidates back to back while it is in cache.
     """
-    left = max_index.clone()
-    right = (max_index + UPPER_SPAN).clamp_(max=NUM_CANDIDATES)  # 126 = past the last candidate
-    proven = right == NUM_CANDIDATES
-    for _ in range(UPPER_PROBES):
-        k = (left + right) // 2
-        passed = (k > max_index) & (k < NUM_CANDIDATES) & (_tail_bound(wabs_t, k, scale_table) >= upper)
-        right = torch.where(passed, k, right)
-        left = torch.where(passed, left, k)
-        proven |= passed
-    return torch.where(proven, right - 1, NUM_CANDIDATES - 1)
+    n = wabs_t.shape[1]
+    lo, hi = _window(amax, scale_table, global_f32)
+    offsets = torch.arange(MAIN_WIDTH, device=lo.device).unsqueeze(1)
+    scales = scale_table.index_select(0, (lo.unsqueeze(0) + offsets).view(-1)).view(MAIN_WIDTH, n)  # [9, n]
+    errors = torch.empty((MAIN_WIDTH, n), dtype=torch.float32, device=lo.device)
+    scratch = None
+    for start in range(0, n, SUB_BLOCKS):
+        stop = min(start + SUB_BLOCKS, n)
+        if scratch is None or scratch.q.shape[1] != stop - start:
+            scratch = Scratch((BLOCK_SIZE, stop - start), wabs_t.device)
+        for i in range(MAIN_WIDTH):  # every block: lo .. lo + 8, ascending
+            block_error_f32(wabs_t[:, start:stop], scales[i, start:stop], scratch, out=errors[i, start:stop])
+    best_err, first = _first_minimum(errors)
+    best_idx = lo + first
+    evaluated = MAIN_WIDTH * n
+    wide = (hi - lo >= MAIN_WIDTH).nonzero().squeeze(1)  # guard failures, tiny blocks: rare
+    if wide.numel():
+        evaluated += _scan_wide(wabs_t, scale_table, lo, hi, wide, best_err, best_idx)
+    evaluated += _extend_down(wabs_t, amax, scale_table, lo, best_err, best_idx)
+    return best_idx, best_err, evaluated
 
 
-def _scan_windows(wabs_t: torch.Tensor, scale_table: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """Best candidate index ``[n]`` over each block's window, reference tie rule (strict ``<``, ascending).
-
-    Blocks are ordered by window width (descending) so those still scanning at offset j are a prefix.
-    """
-    width = hi - lo + 1  # [n]
-    order = torch.argsort(width, descending=True)
-    wabs_t, lo, width = wabs_t.index_select(1, order), lo[order], width[order]
-    active = torch.bincount(width, minlength=NUM_CANDIDATES + 1).flip(0).cumsum(0).flip(0).tolist()
-    best_err = torch.full(lo.shape, float("inf"), dtype=torch.float32, device=lo.device)
-    best_idx = lo.clone()
-    for offset in range(int(width[0]) if width.numel() else 0):
-        n = active[offset + 1]  # blocks whose window is wider than offset
-        idx = lo[:n] + offset
-        err = block_error_f32(wabs_t[:, :n], scale_table.index_select(0, idx))
-        better = err < best_err[:n]
-        torch.fmin(best_err[:n], err, out=best_err[:n])  # == where(better, err, best): NaN never wins
-        best_idx[:n] = torch.where(better, idx, best_idx[:n])
-    result = torch.empty_like(best_idx)
-    result[order] = best_idx
-    return result, width.sum()
+def _scan_wide(wabs_t, scale_table, lo, hi, rows, best_err, best_idx) -> int:
+    """Continue the ascending scan (strict ``<``) past the first 9 candidates for windows wider than that."""
+    sub, sub_lo, sub_hi = wabs_t.index_select(1, rows), lo[rows], hi[rows]
+    err_best, idx_best = best_err[rows], best_idx[rows]
+    scratch = Scratch(sub.shape, sub.device)
+    evaluated = 0
+    for offset in range(MAIN_WIDTH, int((sub_hi - sub_lo).max()) + 1):
+        idx = torch.minimum(sub_lo + offset, sub_hi)
+        err = block_error_f32(sub, scale_table.index_select(0, idx), scratch)
+        better = err < err_best
+        err_best = torch.where(better, err, err_best)
+        idx_best = torch.where(better, idx, idx_best)
+        evaluated += rows.numel()
+    best_err[rows], best_idx[rows] = err_best, idx_best
+    return evaluated
 
 
-def _mse_chunk(wabs_t, amax, max_index, scale_table, global_f32):
-    """Best candidate index ``[n]`` and total window width for blocks ``|w|`` ``[16, n]``."""
-    upper = block_error_f32(wabs_t, scale_table.index_select(0, max_index))  # U = E_m, [n]
-    lo = _lower_end(amax, upper, max_index, scale_table, global_f32)
-    hi = _upper_end(wabs_t, upper, max_index, scale_table)
-    finite = torch.isfinite(upper)
-    lo = torch.where(finite, lo, 0)
-    hi = torch.where(finite, hi, NUM_CANDIDATES - 1)
-    return _scan_windows(wabs_t, scale_table, lo, hi)
+def _extend_down(wabs_t, amax, scale_table, lo, best_err, best_idx) -> int:
+    """Proof step 4's downward extension (a lower index wins ties); returns the candidates evaluated.
+
+    ``below[lo]`` is ``s_{lo-1}``, NaN for lo = 0: its bound is NaN, never ``<= best``."""
+    below = torch.cat([scale_table.new_full((1,), float("nan")), scale_table])
+    rows = (_saturation_bound(amax, below.index_select(0, lo)) <= best_err).nonzero().squeeze(1)
+    evaluated = 0
+    while rows.numel():
+        idx = lo[rows] - 1
+        err = block_error_f32(wabs_t.index_select(1, rows), scale_table.index_select(0, idx))
+        take = err <= best_err[rows]
+        best_err[rows] = torch.where(take, err, best_err[rows])
+        best_idx[rows] = torch.where(take, idx, best_idx[rows])
+        lo[rows] = idx
+        evaluated += rows.numel()
+        rows = rows[_saturation_bound(amax[rows], below.index_select(0, idx)) <= best_err[rows]]
+    return evaluated
 
 
 def _fast_path_ok(global_f32: torch.Tensor, scale_f32: torch.Tensor) -> bool:
@@ -177,21 +237,34 @@ def _fast_path_ok(global_f32: torch.Tensor, scale_f32: torch.Tensor) -> bool:
 
 
 def _abs_t(w_blocks: torch.Tensor) -> torch.Tensor:
-    """``|w|`` as float32, element-major: ``[n, 16]`` -> ``[16, n]`` (a new tensor, never aliasing w)."""
-    return w_blocks.to(torch.float32).abs().t().contiguous()
+    """``|w|`` as float32, element-major: ``[n, 16]`` -> ``[16, n]`` (a new tensor, never aliasing w).
+
+    Transposed slice by slice (``SUB_BLOCKS`` blocks): a cache-sized strided copy runs twice as fast."""
+    n = w_blocks.shape[0]
+    out = torch.empty((w_blocks.shape[1], n), dtype=torch.float32, device=w_blocks.device)
+    for start in range(0, n, SUB_BLOCKS):
+        src, dst = w_blocks[start:start + SUB_BLOCKS].t(), out[:, start:start + SUB_BLOCKS]
+        if w_blocks.dtype == torch.float32:
+            torch.abs(src, out=dst)
+        else:
+            dst.copy_(src).abs_()  # exact widening, then |.|
+    return out
 
 
 def _search_chunk(wb: torch.Tensor, global_f32: torch.Tensor, method: str, scale_table: torch.Tensor,
-                  six: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """E4M3 bits ``[n]`` (uint8) and summed window width for blocks ``wb [n, 16]`` of one batch index."""
+                  six: torch.Tensor, want_errors: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """E4M3 bits ``[n]`` (uint8), their fp32 errors (or None) and the candidates evaluated, for ``wb [n, 16]``."""
     wabs_t = _abs_t(wb)  # [16, n]
     amax = wabs_t.amax(dim=0)  # [n]
-    # nvfp4.max_block_scales: amax / 6 / global (IEEE divisions), at least 2^-9, e4m3 with saturation
-    max_bits = round_to_e4m3((amax / six / global_f32).clamp_min(E4M3_MIN_SUBNORMAL)).view(torch.uint8)
     if method == "max":
-        return max_bits, 0
-    best, width_sum = _mse_chunk(wabs_t, amax, max_bits.long() - 1, scale_table, global_f32)
-    return (best + 1).to(torch.uint8), int(width_sum)  # candidate j has E4M3 bits j + 1
+        # nvfp4.max_block_scales: amax / 6 / global (IEEE divisions), at least 2^-9, e4m3 with saturation
+        bits = round_to_e4m3((amax / six / global_f32).clamp_min(E4M3_MIN_SUBNORMAL)).view(torch.uint8)
+        errors = None
+        if want_errors:
+            errors = _errors_sliced(wabs_t, scale_table.index_select(0, bits.long() - 1))
+        return bits, errors, 0
+    best, errors, evaluated = _mse_chunk(wabs_t, amax, scale_table, global_f32)
+    return (best + 1).to(torch.uint8), errors, evaluated  # candidate j has E4M3 bits j + 1
 
 
 @contextmanager
@@ -223,40 +296,62 @@ def _batched_blocks(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.
     return blocks.reshape(global_f32.numel(), per_batch, BLOCK_SIZE), global_f32, blocks.shape[:-1]
 
 
-def search_block_scales_with_stats(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse"):
-    """``search_block_scales`` plus the mean number of candidates evaluated per block (window width)."""
+def _search(w: torch.Tensor, global_scale: torch.Tensor, method: str, want_errors: bool):
+    """(E4M3 scales ``[..., N, K/16]``, fp32 errors at them or None, mean candidates evaluated per block)."""
     if method not in METHODS:
         raise ValueError(f"unknown block-scale method {method!r}; expected one of {METHODS}")
     w = w.detach()  # worker threads do not inherit the caller's no_grad mode
     flat, global_f32, out_shape = _batched_blocks(w, global_scale)  # [batch, nb, 16], [batch]
     out = torch.empty(flat.shape[:2], dtype=torch.uint8, device=w.device)  # [batch, nb] E4M3 bits
-    six = torch.tensor(E2M1_MAX, dtype=torch.float32, device=w.device)  # tensor divisor: see module notes
+    errors = torch.empty(flat.shape[:2], dtype=torch.float32, device=w.device) if want_errors else None
+    six = torch.tensor(E2M1_MAX, dtype=torch.float32, device=w.device)  # tensor divisor: see nvfp4's notes
     tables, items, width = {}, [], 0
     for b in range(flat.shape[0]):
         tables[b] = e4m3_positive_values(w.device) * global_f32[b]  # s_j, [126]
-        if method == "mse" and not _fast_path_ok(global_f32[b], tables[b]):
-            ref = search_block_scales_reference(flat[b].unsqueeze(0), global_f32[b], "mse")
+        if not _fast_path_ok(global_f32[b], tables[b]):
+            ref = search_block_scales_reference(flat[b].unsqueeze(0), global_f32[b], method)
             out[b] = ref.view(torch.uint8).reshape(-1)
-            width += NUM_CANDIDATES * flat.shape[1]
+            if want_errors:
+                scale = ref.reshape(-1).to(torch.float32) * global_f32[b]  # nvfp4.effective_scale
+                errors[b] = block_squared_error(flat[b].to(torch.float32), scale[:, None])
+            width += NUM_CANDIDATES * flat.shape[1] if method == "mse" else 0
             continue
         items += [(b, start, min(start + BLOCKS_PER_CHUNK, flat.shape[1]))
                   for start in range(0, flat.shape[1], BLOCKS_PER_CHUNK)]
 
     def run(item):
         b, start, stop = item
-        bits, chunk_width = _search_chunk(flat[b, start:stop], global_f32[b], method, tables[b], six)
+        bits, chunk_errors, evaluated = _search_chunk(flat[b, start:stop], global_f32[b], method, tables[b], six,
+                                                      want_errors)
         out[b, start:stop] = bits
-        return chunk_width
+        if want_errors:
+            errors[b, start:stop] = chunk_errors
+        return evaluated
 
     with _cpu_workers(w.device) as mapper:
         width += sum(mapper(run, items))
     num_blocks = max(flat.shape[0] * flat.shape[1], 1)
-    return out.view(torch.float8_e4m3fn).reshape(out_shape), width / num_blocks
+    scales = out.view(torch.float8_e4m3fn).reshape(out_shape)
+    return scales, (errors.reshape(out_shape) if want_errors else None), width / num_blocks
+
+
+def search_block_scales_with_stats(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse"):
+    """``search_block_scales`` plus the mean number of candidates evaluated per block."""
+    scales, _, width = _search(w, global_scale, method, want_errors=False)
+    return scales, width
+
+
+def search_block_scales_with_errors(w: torch.Tensor, global_scale: torch.Tensor,
+                                    method: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
+    """(``search_block_scales``, ``weight_squared_error`` at those scales), bit-identical to calling the two,
+    in one pass: the search has already computed the chosen candidate's error."""
+    scales, errors, _ = _search(w, global_scale, method, want_errors=True)
+    return scales, errors
 
 
 def search_block_scales(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse") -> torch.Tensor:
     """Block scales (float8_e4m3fn ``[..., N, K/16]``) of ``w [..., N, K]``: "max" or exact "mse"."""
-    return search_block_scales_with_stats(w, global_scale, method)[0]
+    return _search(w, global_scale, method, want_errors=False)[0]
 
 
 def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
@@ -272,10 +367,59 @@ def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scal
         b, start, stop = item
         scale = block_f32[b, start:stop] * global_f32[b]  # nvfp4.effective_scale, [n]
         if _fast_path_ok(global_f32[b], scale):
-            out[b, start:stop] = block_error_f32(_abs_t(flat[b, start:stop]), scale)
+            out[b, start:stop] = _errors_sliced(_abs_t(flat[b, start:stop]), scale)
         else:
             out[b, start:stop] = block_squared_error(flat[b, start:stop].to(torch.float32), scale[:, None])
 
     with _cpu_workers(w.device) as mapper:
         list(mapper(run, items))
     return out.reshape(out_shape)
+
+
+PACK_ROWS = 256  # rows per work item of ``quantize_pack_nvfp4``
+
+
+def _codes_f32_blocks(blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int32 E2M1 codes of ``blocks / scale`` (``[..., 16]`` fp32, scale ``[..., 1]``), as ``fp4.encode_e2m1``.
+
+    Magnitude: ``a = min(|q|, 6)``, ``M = 2^floor(log2 max(a, 1))`` (1, 2 or 4) and ``R = fl(a + 2^22 M)``
+    (proof step 1): ``R = 2^22 M + k * ulp`` with ulp 0.5, 1, 2 and k <= 4, so R's low significand bits are
+    k, and the magnitude index is ``k + 2 log2(M)`` (0.5 -> 1, 2 -> 4 on the first range, 3 -> 5 and
+    4 -> 6 on the second, 6 -> 7 on the third). Sign: the sign bit of ``q`` moved to bit 3, kept only where
+    the index is > 0 (``(index + 7) & 8``), so -0 and negative values that round to 0 get code 0."""
+    q = blocks / scale  # IEEE division, the reference's
+    mag = q.abs().clamp_max_(E2M1_MAX)
+    step = torch.clamp_min(mag, 1.0)
+    step_bits = step.view(torch.int32).bitwise_and_(_EXPONENT_MASK)  # M = 1, 2 or 4 (exact)
+    index = mag.add_(step, alpha=_MAGIC_SHIFT).view(torch.int32).bitwise_and_(7)  # k
+    index.add_(step_bits.bitwise_right_shift_(22)).sub_(_ONE_EXPONENT_X2)  # + 2 log2(M)
+    sign = q.view(torch.int32).bitwise_right_shift(28).bitwise_and_(8)  # 8 where q's sign bit is set
+    return index.bitwise_or_(sign.bitwise_and_(index + 7))
+
+
+_ONE_EXPONENT_X2 = 0x3F800000 >> 22  # float32 1.0's bits >> 22 = 2 * 127
+
+
+def quantize_pack_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
+    """``fp4.pack_fp4(nvfp4.quantize_nvfp4(w, global_scale, block_scale))`` for a 2-D ``w [N, K]`` and a
+    scalar global scale: uint8 ``[N, K/2]``, the same bytes (element 2j in the low nibble), computed with
+    arithmetic only (comparisons are the reference's slow part on CPU), over row slices on worker threads
+    each running single-threaded torch ops (see ``_cpu_workers``)."""
+    if w.ndim != 2 or w.shape[-1] % BLOCK_SIZE or global_scale.numel() != 1:
+        raise ValueError(f"expected w [N, K] with K divisible by {BLOCK_SIZE} and one global scale, got "
+                         f"{tuple(w.shape)} and {tuple(global_scale.shape)}")
+    w = w.detach()
+    n, k = w.shape
+    out = torch.empty((n, k // 2), dtype=torch.uint8, device=w.device)
+    gs = global_scale.to(torch.float32).reshape(())
+
+    def run(start):
+        stop = min(start + PACK_ROWS, n)
+        blocks = w[start:stop].to(torch.float32).reshape(stop - start, k // BLOCK_SIZE, BLOCK_SIZE)
+        scale = block_scale[start:stop].to(torch.float32).unsqueeze(-1) * gs  # nvfp4.effective_scale
+        codes = _codes_f32_blocks(blocks, scale).view(stop - start, k // 2, 2)
+        out[start:stop] = codes[..., 0].bitwise_or(codes[..., 1].bitwise_left_shift(4))
+
+    with _cpu_workers(w.device) as mapper:
+        list(mapper(run, range(0, n, PACK_ROWS)))
+    return out

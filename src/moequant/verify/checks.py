@@ -19,7 +19,7 @@ from fnmatch import fnmatch
 
 import torch
 
-from moequant.verify.decode import Checkpoint, TensorInfo, decode_fp8, decode_nvfp4
+from moequant.verify.decode import Checkpoint, TensorInfo, decode_fp8, decode_nvfp4, nvfp4_finite_bound
 from moequant.verify.report import VerifyResult
 from moequant.verify.spec import FormatSpec
 
@@ -129,21 +129,52 @@ def _check_block_shape(spec: FormatSpec, module: str, tensors: dict[str, TensorI
     return True
 
 
-def scale_values(ckpt: Checkpoint, spec: FormatSpec, module: str, result: VerifyResult) -> bool:
-    """All scales of a module finite and > 0 (block scales included)."""
+def scale_values(ckpt: Checkpoint, spec: FormatSpec, module: str, result: VerifyResult,
+                 maxima: dict[str, torch.Tensor] | None = None) -> bool:
+    """All scales of a module finite and > 0 (block scales included). With ``maxima``, an E4M3 block-scale
+    tensor that passes leaves its largest value there under "block" (a one-element float8_e4m3fn tensor)."""
     ok = True
     names = tensor_names(spec, spec.default_scheme)
     for role in ("block", "global", "input"):
         name = f"{module}.{names.get(role, '-')}"
         if name not in ckpt.tensors:
             continue
-        x = ckpt.get(name).to(torch.float32)
+        raw = ckpt.get(name)
+        largest = _e4m3_positive_max(raw)
+        if largest is not None:  # every value finite and > 0, decided on the bytes
+            if maxima is not None and role == "block":
+                maxima[role] = largest
+            continue
+        x = raw.to(torch.float32)
         bad = ~(torch.isfinite(x) & (x > 0))
         if bool(bad.any()):
             first = x[bad].flatten()[0].item()
             result.fail("scale_positive", name, f"{int(bad.sum())} value(s) zero, negative, NaN or inf (e.g. {first})")
             ok = False
     return ok
+
+
+def _e4m3_positive_max(x: torch.Tensor) -> torch.Tensor | None:
+    """For float8_e4m3fn ``x`` whose every value is finite and > 0, its largest value ``[1]``; else None.
+
+    E4M3FN bytes 0x01..0x7E are exactly the finite positive values, in increasing order (0x00 is +0, 0x7F
+    NaN, 0x80..0xFF negative, -0 or NaN), so one min/max pass over the bytes decides it."""
+    if x.dtype != torch.float8_e4m3fn or not x.numel():
+        return None
+    data = x.reshape(-1).view(torch.uint8)
+    low, high = data.min(), data.max()
+    if int(low) < 0x01 or int(high) > 0x7E:
+        return None
+    return high.reshape(1).view(torch.float8_e4m3fn)
+
+
+def nvfp4_decodes_finite(ckpt: Checkpoint, spec: FormatSpec, module: str, maxima: dict[str, torch.Tensor]) -> bool:
+    """True when the scales alone prove that every decoded value of this NVFP4 module is finite."""
+    if spec.default_scheme != "nvfp4" or "block" not in maxima:
+        return False
+    names = tensor_names(spec, "nvfp4")
+    convention = "modelopt" if spec.format == "modelopt" else "ct"
+    return nvfp4_finite_bound(maxima["block"], ckpt.get(f"{module}.{names['global']}"), convention)
 
 
 def decode_module(ckpt: Checkpoint, spec: FormatSpec, module: str) -> torch.Tensor:

@@ -8,6 +8,9 @@ byte along the input dimension, element ``2j`` in the LOW nibble and ``2j + 1`` 
 (vLLM ``nvfp4_emulation_utils.break_fp4_bytes``, compressed-tensors ``unpack_fp4_from_uint8``).
 Block scales are FP8 E4M3 ``[out, in/16]``, one per 16 consecutive inputs, plain row-major.
 
+Decoding looks each packed byte up in a 256-entry table of (low, high) value pairs, which is the nibble
+order above applied to every byte once.
+
 Decoded value, float32, one rounding per operation:
     ModelOpt:           fp4 * (float32(block_scale) * weight_scale_2)
     compressed-tensors: fp4 * (float32(block_scale) / weight_global_scale)   (CT ``_dequantize``)
@@ -99,6 +102,7 @@ class Checkpoint:
         self.weight_map, self.files = shard_files(self.path)
         self.file_errors: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self._handles: dict[str, object] = {}  # shard file -> open safe_open handle
         for file in self.files:
             self._read_file_header(file)
 
@@ -126,9 +130,23 @@ class Checkpoint:
             raise CheckpointError(f"{name}: not valid JSON ({err})") from None
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (a copy). Each shard is opened once (its header parsed once) and kept open
+        until ``close()``: re-opening a shard per tensor re-parsed its whole header every time."""
         info = self.tensors[name]
-        with safe_open(str(self.path / info.file), framework="pt") as f:
-            return f.get_tensor(name)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(self.path / info.file), framework="pt")
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        """Release the open shards (also when the object is garbage-collected)."""
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def fp4_codes(packed: torch.Tensor) -> torch.Tensor:
@@ -138,22 +156,60 @@ def fp4_codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def _code_values() -> torch.Tensor:
+    """float32 ``[16]``: the value of each 4-bit code (sign bit 8; code 8 is -0.0)."""
+    magnitude = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    return torch.cat((magnitude, -magnitude))
+
+
 def fp4_values(codes: torch.Tensor) -> torch.Tensor:
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32)
-    magnitude = table[(codes & 0x7).long()]
-    return torch.where((codes & 0x8) != 0, -magnitude, magnitude)
+    return _code_values()[(codes & 0xF).long()]
+
+
+_BYTE_PAIRS: torch.Tensor | None = None
+
+
+def _byte_pairs() -> torch.Tensor:
+    """float64-typed ``[256]`` whose 8 bytes per entry are the float32 pair (value of the low nibble, value of
+    the high nibble) of that packed byte: one gather decodes two elements, already in checkpoint order."""
+    global _BYTE_PAIRS
+    if _BYTE_PAIRS is None:
+        byte = torch.arange(256)
+        values = _code_values()
+        pairs = torch.stack((values[byte & 0xF], values[byte >> 4]), dim=1)  # [256, 2] float32
+        _BYTE_PAIRS = pairs.contiguous().view(torch.float64).reshape(256)
+    return _BYTE_PAIRS
+
+
+def fp4_decode_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., K/2]`` -> float32 values ``[..., K]`` (= ``fp4_values(fp4_codes(packed))``, one pass)."""
+    pairs = _byte_pairs().index_select(0, packed.reshape(-1).to(torch.int32))  # [numel] two float32 each
+    return pairs.view(torch.float32).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def nvfp4_scales(block_scale: torch.Tensor, global_scale: torch.Tensor, convention: str) -> torch.Tensor:
+    """float32 per-block scales ``[N, K/16]``: ``float32(block) * g`` (modelopt) or ``float32(block) / g`` (ct)."""
+    g = global_scale.to(torch.float32).reshape(())
+    scale = block_scale.to(torch.float32)
+    return scale.mul_(g) if convention == "modelopt" else scale.div_(g)
 
 
 def decode_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                  convention: str) -> torch.Tensor:
     """float32 ``[N, K]`` of a packed NVFP4 tensor; ``convention`` "modelopt" (multiply) or "ct" (divide)."""
-    values = fp4_values(fp4_codes(packed))
+    values = fp4_decode_bytes(packed)
     n, k = values.shape
-    blocks = values.reshape(n, k // BLOCK, BLOCK)
-    g = global_scale.to(torch.float32).reshape(())
-    scale = block_scale.to(torch.float32).unsqueeze(-1)
-    scale = scale * g if convention == "modelopt" else scale / g
-    return (blocks * scale).reshape(n, k)
+    scale = nvfp4_scales(block_scale, global_scale, convention).unsqueeze(-1)  # [N, K/16, 1]
+    return values.view(n, k // BLOCK, BLOCK).mul_(scale).reshape(n, k)
+
+
+def nvfp4_finite_bound(max_block_scale: torch.Tensor, global_scale: torch.Tensor, convention: str) -> bool:
+    """True when every value ``decode_nvfp4`` can produce is finite, given block scales that are all finite,
+    > 0 and at most ``max_block_scale`` (a one-element tensor of their dtype): a decoded value is
+    ``fl(v * s)``, ``s = fl(float32(b) (*|/) g)``, with ``|v| <= 6``, and fp32 rounding is monotone, so its
+    magnitude is at most ``fl(6 * fl(max_b (*|/) g))``. False proves nothing (then decode and look)."""
+    bound = nvfp4_scales(max_block_scale.reshape(1), global_scale, convention).mul_(6.0)
+    return bool(torch.isfinite(bound).all())
 
 
 def decode_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""Per-layer progress of a streamed run, kept next to the output so that a killed run can continue.
+
+Directory ``<parent>/.<output name>.moequant-partial/`` (same filesystem as the output):
+    journal.json              {"fingerprint": {...}, "parts": {part: {"file", "tensors": [[name, dtype, shape]]}}}
+    part-<name>.safetensors   the exported tensors of one finished part ("rest" = outside the layers,
+                              "layer-00003" = decoder layer 3)
+    part-<name>.pt            what the final report and configs need from that part (scales without the
+                              block scales, coverage records, KV scales, backends): small
+A part is recorded in journal.json (rewritten atomically with ``os.replace``) only after both of its files are
+complete, so a kill at any instant leaves a journal that lists only whole parts.
+
+The fingerprint names what the parts depend on: the model files (config.json and index bytes, each shard's
+name and size), the resolved recipe, the calibration source, the export format and the moequant version. A
+journal whose fingerprint differs is refused, naming the fields that differ and how to start over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moequant.export.writer import ExportError
+
+JOURNAL = "journal.json"
+
+
+class JournalMismatch(ExportError):
+    """An existing journal belongs to another model, recipe, calibration, format or version."""
+
+
+def partial_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir).absolute()
+    return out_dir.parent / f".{out_dir.name}.moequant-partial"
+
+
+def _sha(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def fingerprint(model_dir: Path, shard_files: list[Path], recipe: dict, calib, fmt: str) -> dict:
+    from moequant import __version__
+
+    calib_id = repr(calib)
+    if isinstance(calib, (str, os.PathLike)) and Path(calib).is_file():
+        calib_id = f"{Path(calib).name} sha256:{_sha(Path(calib))}"
+    return {
+        "model": {"config.json": _sha(model_dir / "config.json"),
+                  "index": _sha(model_dir / "model.safetensors.index.json"),
+                  "shards": {p.name: p.stat().st_size for p in shard_files}},
+        "recipe": recipe, "calibration": calib_id, "format": fmt, "moequant": __version__,
+    }
+
+
+class Journal:
+    """Finished parts of one streamed run (see the module docstring)."""
+
+    def __init__(self, directory: Path, print_: dict, overwrite: bool):
+        self.dir = Path(directory)
+        self.fingerprint = json.loads(json.dumps(print_))   # as it reads back from JSON
+        self.parts: dict[str, dict] = {}
+        self.resumed = False
+        path = self.dir / JOURNAL
+        if path.is_file():
+            old = json.loads(path.read_text())
+            differ = [k for k in sorted(set(old["fingerprint"]) | set(self.fingerprint))
+                      if old["fingerprint"].get(k) != self.fingerprint.get(k)]
+            if differ and not overwrite:
+                then = old["fingerprint"]
+                what = "; ".join(f"{k}: {_short(then.get(k))} then, {_short(self.fingerprint.get(k))} now"
+                                 for k in differ)
+                raise JournalMismatch(
+                    f"{self.dir} holds a partial run of a different {' and '.join(differ)} ({what}); rerun with "
+                    f"--overwrite to discard it and start over, or delete {self.dir}")
+            if differ:
+                shutil.rmtree(self.dir)
+            else:
+                self.parts, self.resumed = old["parts"], bool(old["parts"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.dir / f".{JOURNAL}.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "parts": self.parts}, indent=1))
+        os.replace(tmp, self.dir / JOURNAL)
+
+    def done(self, part: str) -> bool:
+        return part in self.parts
+
+    def record(self, part: str, tensors: dict[str, torch.Tensor], summary: dict) -> None:
+        """Write one finished part (its exported tensors and its summary), then list it in the journal."""
+        file = f"part-{part}.safetensors"
+        save_file(tensors, str(self.dir / file), metadata={"format": "pt"})
+        torch.save(summary, self.dir / f"part-{part}.pt")
+        self.parts[part] = {"file": file, "tensors": [[n, str(t.dtype).split(".")[1], list(t.shape)]
+                                                      for n, t in tensors.items()]}
+        self._save()
+
+    def summary(self, part: str) -> dict:
+        return torch.load(self.dir / f"part-{part}.pt", weights_only=False)
+
+    def tensor_file(self, part: str) -> Path:
+        return self.dir / self.parts[part]["file"]
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,171 @@
+"""A model without weights (meta device) whose parts are loaded from safetensors one at a time.
+
+``meta_model(dir)`` builds the causal LM from its config under ``torch.device("meta")`` (no memory).
+``load_into(model, source, prefix)`` gives the parameters and persistent buffers under ``prefix`` (a decoder
+layer, or everything outside the layers) real CPU tensors read from the shards, in the layout the model
+code expects. The on-disk tensors of each parameter are found with transformers' own save-time conversion
+(``revert_weight_conversion``) run on *index tensors*, as ``models/disk_names.py`` does for the plan: a
+parameter of shape ``[..., K]`` is replaced by a float64 tensor ``[..., 1]`` numbering its rows (1-D: its
+elements); whatever renames, splits and per-expert unstacking transformers applies, the numbers that come
+back say which rows of the parameter each on-disk tensor holds, and loading writes them there. A conversion
+that would move the input dimension (a transpose) is refused, naming the parameter. Every row must be
+written exactly once. Non-persistent buffers (rotary ``inv_freq``) are computed by the model's own
+``_init_weights``, as ``from_pretrained`` does. ``free(module)`` sends a module back to meta.
+
+``zero_layers_on_the_fly``: while active, each decoder layer is materialized with zeros right before it runs
+and sent back to meta right after, so structural probes (weight groups, per-layer arguments) run a full
+forward holding one layer at a time, without reading any weight.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moequant.models.disk_names import revert_weight_conversion
+from moequant.models.experts import UnsupportedModelError
+from moequant.safetensors_source import SafetensorsSource, ShardError
+
+
+def meta_model(model_dir: Path, source: SafetensorsSource) -> nn.Module:
+    """The causal LM of ``model_dir`` on the meta device, in the dtype ``from_pretrained(dtype="auto")`` uses."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    dtype = getattr(config, "dtype", None)
+    if dtype is None:  # what "auto" falls back to: the checkpoint's first floating tensor
+        name = next(n for n in sorted(source.weight_map) if source.entry(n)[1]["dtype"] in ("BF16", "F16", "F32"))
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[source.entry(name)[1]["dtype"]]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_dict(json.loads(gen.read_text()))
+    return model.eval()
+
+
+def _index(shape: tuple[int, ...], offset: float) -> torch.Tensor:
+    rows = shape[:-1] + (1,) if len(shape) >= 2 else shape
+    n = 1
+    for d in rows:
+        n *= d
+    return (torch.arange(n, dtype=torch.float64) + offset).reshape(rows)
+
+
+def loadable_keys(model: nn.Module, prefix: str, exclude_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """In-memory state-dict entries (meta) under ``prefix`` (not under ``exclude_prefix``), tied copies removed."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    sd = {k: v for k, v in model.state_dict().items()
+          if k.startswith(prefix) and not (exclude_prefix and k.startswith(exclude_prefix))}
+    return remove_tied_weights_from_state_dict(sd, model)
+
+
+def disk_sources(model: nn.Module, metas: dict[str, torch.Tensor]) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """In-memory key -> [(on-disk name, rows of the key's ``[-1, K]`` view it holds, int64)]."""
+    index, spans, offset = {}, {}, 0.0
+    for key, meta in metas.items():
+        index[key] = _index(tuple(meta.shape), offset)
+        spans[key] = (offset, offset + index[key].numel())
+        offset += index[key].numel()
+    out: dict[str, list] = {k: [] for k in metas}
+    for name, t in revert_weight_conversion(model, dict(index)).items():
+        if t.numel() == 0:
+            continue
+        first = float(t.reshape(-1)[0])
+        key = next(k for k, (lo, hi) in spans.items() if lo <= first < hi)
+        shape = tuple(metas[key].shape)
+        if len(shape) >= 2 and t.shape[-1] != 1:
+            raise UnsupportedModelError(f"{key}: transformers stores it on disk as {name} with another input "
+                                        "dimension (transposed); streaming cannot load it: use --no-stream")
+        out[key].append((name, (t.reshape(-1) - spans[key][0]).to(torch.int64)))
+    return out
+
+
+def _read(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: list) -> torch.Tensor:
+    shape = tuple(meta.shape)
+    width = shape[-1] if len(shape) >= 2 else 1
+    value = torch.empty(shape, dtype=meta.dtype)
+    flat = value.view(-1, width)
+    written = torch.zeros(flat.shape[0], dtype=torch.int32)
+    for name, rows in parts:
+        t = source.get(name)
+        if t.numel() != rows.numel() * width:
+            path = source.entry(name)[0]
+            raise ShardError(f"{path}: tensor {name} has shape {list(t.shape)}, but {key} {list(shape)} needs "
+                             f"{rows.numel()} rows of {width}; the checkpoint does not match config.json")
+        flat[rows] = t.reshape(-1, width).to(meta.dtype)
+        written[rows] += 1
+    if not parts or not bool((written == 1).all()):
+        raise ShardError(f"{source.dir}: the shards do not hold every row of {key} exactly once "
+                         f"(on-disk tensors: {[n for n, _ in parts][:4]}); the checkpoint is incomplete")
+    return value
+
+
+def init_non_persistent_buffers(model: nn.Module, prefix: str = "", exclude_prefix: str | None = None) -> None:
+    """Meta non-persistent buffers under ``prefix`` computed as ``from_pretrained`` does (``_init_weights``)."""
+    owners = {}
+    for name, buf in model.named_non_persistent_buffers():
+        if name.startswith(prefix) and buf.is_meta and not (exclude_prefix and name.startswith(exclude_prefix)):
+            path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            owner = model.get_submodule(path)
+            owner._buffers[leaf] = torch.empty_like(buf, device="cpu")
+            owners[path] = owner
+    for owner in owners.values():
+        model._init_weights(owner)
+
+
+def load_into(model: nn.Module, source: SafetensorsSource, prefix: str, exclude_prefix: str | None = None) -> int:
+    """Load every tensor under ``prefix`` from ``source`` (ties kept); returns the bytes loaded."""
+    metas = loadable_keys(model, prefix, exclude_prefix)
+    sources = disk_sources(model, metas)
+    values = {key: _read(source, key, meta, sources[key]) for key, meta in metas.items()}
+    by_id = {}
+    for key, meta in model.state_dict(keep_vars=True).items():
+        if key in values:
+            by_id[id(meta)] = values[key]
+    for name, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        if id(p) in by_id:
+            path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            owner = model.get_submodule(path)
+            slot = owner._parameters if leaf in owner._parameters else owner._buffers
+            new = by_id[id(p)]
+            slot[leaf] = nn.Parameter(new, requires_grad=p.requires_grad) if isinstance(p, nn.Parameter) else new
+            by_id[id(p)] = slot[leaf]
+    init_non_persistent_buffers(model, prefix, exclude_prefix)
+    return sum(v.numel() * v.element_size() for v in values.values())
+
+
+def free(module: nn.Module) -> None:
+    """Send every tensor of ``module`` back to the meta device (its memory is released)."""
+    module.to("meta")
+
+
+@contextmanager
+def zero_layers_on_the_fly(model: nn.Module, layers: nn.ModuleList, layers_path: str):
+    """Each (meta) decoder layer is zero-filled on the CPU while it runs, and back on meta afterwards."""
+    def pre(module, _args, i):
+        module.to_empty(device="cpu")
+        for t in list(module.parameters()) + list(module.buffers()):
+            t.data.zero_()
+        init_non_persistent_buffers(model, f"{layers_path}.{i}.")
+
+    handles, hooked = [], []
+    for i, layer in enumerate(layers):
+        if next(iter(layer.parameters()), torch.empty(0)).is_meta:
+            hooked.append(layer)
+            handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: pre(m, a, i)))
+            handles.append(layer.register_forward_hook(lambda m, a, o: free(m)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in hooked:
+            free(layer)

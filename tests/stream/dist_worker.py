@@ -1,0 +1,24 @@
+"""One rank of a 2-process gloo run (spawned by test_stream_distributed.py)."""
+
+import torch
+import torch.distributed as dist
+
+from moequant.data import load_tokenizer
+from moequant.recipe import load_recipe
+from moequant.stream import quantize_streamed
+
+RECIPE = {"kv_cache": "fp8", "calibration": {"samples": 6, "seq_len": 32}}
+
+
+def run(src: str, out: str, batch_size: int = 2) -> None:
+    quantize_streamed(src, out, load_recipe("nvfp4-mse", **RECIPE), "modelopt", tokenizer=load_tokenizer(src),
+                      batch_size=batch_size, max_shard_bytes=40_000)
+
+
+def rank_main(rank: int, world: int, rendezvous: str, src: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        run(src, out)
+    finally:
+        dist.destroy_process_group()

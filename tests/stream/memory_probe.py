@@ -1,0 +1,35 @@
+"""Child process: quantize a model directory (streamed or in memory), print the peak RSS as JSON."""
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moequant.recipe import load_recipe
+
+
+def main(src: str, out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    recipe = load_recipe("nvfp4-w4a16", weights={"method": "max"})
+    start = time.perf_counter()
+    if mode == "stream":
+        from moequant.stream import quantize_streamed
+
+        quantize_streamed(src, out, recipe, max_shard_bytes=4 * 2**20)
+    else:
+        from moequant.export import export
+        from moequant.pipeline import quantize
+        from moequant.run import load_model
+
+        model = load_model(Path(src))
+        export(model, quantize(model, recipe).state, out, source_dir=src, recipe=recipe, max_shard_bytes=4 * 2**20)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "vm_peak": int(status["VmPeak"].split()[0]) * 1024, "seconds": time.perf_counter() - start}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

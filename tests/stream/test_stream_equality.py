@@ -1,0 +1,45 @@
+"""The streamed run writes the very bytes of the in-memory pipeline (load -> quantize -> export)."""
+
+from pathlib import Path
+
+import pytest
+
+from moequant.data import load_tokenizer
+from moequant.export import export
+from moequant.pipeline import quantize
+from moequant.recipe import load_recipe
+from moequant.run import load_model
+from moequant.stream import quantize_streamed
+
+CALIB = {"calibration": {"samples": 4, "seq_len": 32}}
+
+
+def files_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def in_memory(src: Path, out: Path, recipe, fmt: str, max_shard_bytes: int = 5 * 10**9) -> None:
+    model = load_model(src)
+    result = quantize(model, recipe, None, tokenizer=load_tokenizer(src), device="cpu")
+    export(model, result.state, out, format=fmt, source_dir=src, recipe=recipe, max_shard_bytes=max_shard_bytes)
+
+
+@pytest.mark.parametrize("family,recipe,fmt", [
+    ("qwen3_moe", "nvfp4-mse", "modelopt"),
+    ("mixtral", "nvfp4", "compressed-tensors"),
+    ("deepseek_v3", "nvfp4-experts-only", "modelopt"),
+    ("llama", "fp8", "modelopt"),
+])
+def test_streamed_equals_in_memory(model_dir, tmp_path, family, recipe, fmt):
+    src = model_dir(family)
+    rec = load_recipe(recipe, kv_cache="fp8", **CALIB)
+    in_memory(src, tmp_path / "mem", rec, fmt, max_shard_bytes=40_000)
+    result = quantize_streamed(src, tmp_path / "stream", rec, fmt, tokenizer=load_tokenizer(src),
+                               max_shard_bytes=40_000)
+    mem, streamed = files_bytes(tmp_path / "mem"), files_bytes(tmp_path / "stream")
+    assert sorted(mem) == sorted(streamed)
+    assert len([n for n in mem if n.endswith(".safetensors")]) > 1   # several shards
+    for name in mem:
+        assert mem[name] == streamed[name], name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mem", "stream"]   # journal removed
+    assert all(s.block_scale is None for s in result.state.tensors.values())   # block scales live on disk

@@ -1,0 +1,72 @@
+"""A corrupt or missing shard fails naming the file and the tensor, and leaves nothing behind."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from moequant.recipe import load_recipe
+from moequant.safetensors_source import ShardError, read_header
+from moequant.stream import quantize_streamed
+
+RECIPE = load_recipe("nvfp4-w4a16")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """A tiny Mixtral saved in several shards (an index file)."""
+    from tiny_models import build
+
+    folder = tmp_path_factory.mktemp("mixtral-sharded")
+    build("mixtral").save_pretrained(folder, max_shard_size="60KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _assert_nothing_left(tmp_path: Path) -> None:
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def _layer_shard(src: Path, layer: int) -> tuple[Path, str]:
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    name = next(n for n in sorted(index) if n.startswith(f"model.layers.{layer}.") and "experts.3.w1" in n)
+    return src / index[name], name
+
+
+def test_missing_shard_names_file_and_tensor(sharded, tmp_path):
+    src = _copy(sharded, tmp_path / "src")
+    shard, _ = _layer_shard(src, 1)
+    shard.unlink()
+    with pytest.raises(ShardError, match=rf"{shard.name}: shard file is missing \(it holds tensor model\.\S+"):
+        quantize_streamed(src, tmp_path / "out", RECIPE)
+    _assert_nothing_left(tmp_path)
+
+
+def test_truncated_shard_names_file_and_tensor_after_a_finished_layer(sharded, tmp_path):
+    src = _copy(sharded, tmp_path / "src")
+    shard, _ = _layer_shard(src, 1)
+    header, start = read_header(shard)
+    last = max(header, key=lambda n: header[n]["data_offsets"][1])
+    shard.write_bytes(shard.read_bytes()[: start + header[last]["data_offsets"][0] + 4])
+    with pytest.raises(ShardError, match=rf"{shard.name}: tensor {last.replace('.', '[.]')} is cut short"):
+        quantize_streamed(src, tmp_path / "out", RECIPE)
+    _assert_nothing_left(tmp_path)   # layer 0 had finished: its journal is removed too (an error, not a kill)
+
+
+def test_corrupt_header_names_file(sharded, tmp_path):
+    src = _copy(sharded, tmp_path / "src")
+    shard, _ = _layer_shard(src, 0)
+    data = bytearray(shard.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    data[8:8 + length] = b"{" * length
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{shard.name}: corrupt safetensors header"):
+        quantize_streamed(src, tmp_path / "out", RECIPE)
+    _assert_nothing_left(tmp_path)
