@@ -124,6 +124,7 @@ def _cmd_recipes(_a) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
+    from moequant.calibrate import CalibrationError
     from moequant.data import CalibrationDataError
     from moequant.demo import DemoUnavailable
     from moequant.export import ExportError
@@ -135,7 +136,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from moequant.safetensors_source import ShardError
     from moequant.verify.decode import CheckpointError
 
-    return (CalibrationDataError, DemoUnavailable, ExportError, WeightError, BackendUnavailable,
+    return (CalibrationError, CalibrationDataError, DemoUnavailable, ExportError, WeightError, BackendUnavailable,
             UnsupportedModelError, RecipeError, ModelDirError, CheckpointError, FileExistsError,
             FileNotFoundError, SafetensorError, ShardError)
 
