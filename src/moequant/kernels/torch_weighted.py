@@ -25,15 +25,12 @@ non-negative terms is monotone in every term: lower bounds on terms give lower b
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-
 import torch
 
 from moequant.formats.fp8 import E4M3_MIN_SUBNORMAL, e4m3_positive_values, round_to_e4m3
 from moequant.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, expand_global
 from moequant.formats.weighted_mse import check_channel_weights, weighted_mse_block_scales_reference
-from moequant.kernels.torch_mse import e2m1_magnitude_f32
+from moequant.kernels.torch_mse import _cpu_workers, e2m1_magnitude_f32
 
 NUM_CANDIDATES = 126
 BLOCKS_PER_CHUNK = 16384
@@ -124,20 +121,6 @@ def _search_chunk(wb, hb, global_f32, table):
     return (_scan(wabs_t, h_t, table, lo, hi) + 1).to(torch.uint8)
 
 
-@contextmanager
-def _cpu_workers(device: torch.device):
-    """Independent chunks mapped over Python threads each running single-threaded torch ops (as ``torch_mse``
-    does, for the same reason); the process-wide intra-op thread count is restored in ``finally``."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1:
-        yield map
-        return
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            yield lambda fn, items: pool.map(torch.no_grad()(fn), items)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def search_weighted(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
