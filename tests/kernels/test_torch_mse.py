@@ -215,7 +215,8 @@ def test_quantize_pack_nvfp4_gives_the_reference_bytes():
     from moequant.formats.fp4 import pack_fp4
     from moequant.formats.nvfp4 import quantize_nvfp4
 
-    points = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 6.5, 7.0, 1e6])
+    points = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 6.5, 7.0,
+                           1e6])
     near = torch.cat([points, torch.nextafter(points, points + 1), torch.nextafter(points, points - 1).abs()])
     gen = _gen(12)
     for global_f32 in (2.0**-8, 1.0 / 2688):
@@ -233,3 +234,18 @@ def test_quantize_pack_nvfp4_gives_the_reference_bytes():
             block = torch_mse.search_block_scales(w, gs, method)
             fast = torch_mse.quantize_pack_nvfp4(w, gs, block)
             assert torch.equal(fast, pack_fp4(quantize_nvfp4(w, gs, block))), (seed, method)
+
+
+def test_error_loop_compiled_and_plain_python_agree(monkeypatch):
+    """The error loop runs compiled by TorchScript (GIL-free) where available, else as Python: same bits."""
+    w = _student_t((2, 48, 256), 3, seed=13).to(torch.bfloat16)
+    gs = _own_global(w)
+    compiled = torch_mse.search_block_scales_with_errors(w, gs, "mse")
+    if hasattr(torch, "jit"):
+        assert torch_mse._errors_runner() is not torch_mse._errors_loop, "TorchScript compile failed: slow path"
+    monkeypatch.setattr(torch_mse, "_SCRIPTED", [None])
+    assert torch_mse._errors_runner() is torch_mse._errors_loop
+    plain = torch_mse.search_block_scales_with_errors(w, gs, "mse")
+    assert torch.equal(compiled[0].view(torch.uint8), plain[0].view(torch.uint8))
+    assert torch.equal(compiled[1].view(torch.int32), plain[1].view(torch.int32))
+    assert_parity(w, gs)  # the plain path against the reference too

@@ -9,7 +9,14 @@ import torch
 
 from moequant.verify import decode as verify_decode
 from moequant.verify.checks import _e4m3_positive_max
-from moequant.verify.decode import decode_fp8, decode_nvfp4, fp4_codes, fp4_decode_bytes, fp4_values, nvfp4_finite_bound
+from moequant.verify.decode import (
+    decode_fp8,
+    decode_nvfp4,
+    fp4_codes,
+    fp4_decode_bytes,
+    fp4_values,
+    nvfp4_finite_bound,
+)
 
 FORBIDDEN = ("moequant.formats", "moequant.kernels", "moequant.quantize", "moequant.export", "moequant.state",
              "moequant.plan", "moequant.discover", "moequant.models", "moequant.calibrate", "moequant.pipeline")

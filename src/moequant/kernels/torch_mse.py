@@ -1,10 +1,12 @@
 """Vectorized torch twin of ``moequant.formats.mse.search_block_scales_reference`` (any device).
 
 Same contract, bit-identical float8_e4m3fn block scales. Work is done per batch index (expert) and per chunk
-of blocks, element-major (``[16, n]``), into buffers reused across candidates, so that every intermediate
-(about 1 MiB) stays in cache and nothing is allocated per candidate. "mse" evaluates, per block, only a window
-of candidates that provably contains the reference's answer (about 9 of 126 on real weights), each with the
-reference's exact fp32 arithmetic (``block_error_f32``).
+of blocks (``BLOCKS_PER_CHUNK``), element-major (``[16, n]``), on worker threads (``_cpu_workers``). "mse"
+evaluates, per block, only a window of candidates that provably contains the reference's answer (9 of 126
+on real weights, more for under 1% of blocks), each with the reference's exact fp32 arithmetic
+(``_errors_loop``: slices of ``SUB_BLOCKS`` blocks that stay in cache, scratch reused across candidates,
+compiled by TorchScript where available so that the two workers do not queue for the GIL between ops).
+``quantize_pack_nvfp4`` is the export's twin of ``pack_fp4(quantize_nvfp4(...))``.
 
 Notation: candidates ``c_0 < ... < c_125`` (E4M3 bits 1..126), ``s_j = fl(c_j * g)``, ``E_j`` the fp32 block
 error of ``nvfp4.block_squared_error`` at ``s_j``; ``fl`` is round-to-nearest-even fp32, ``A`` the block amax.
@@ -29,53 +31,54 @@ Proof sketch that the fast path returns the same index:
     (a power of two), so fused or not it rounds once, as ``fl(x + 2^22 M')`` must.
  2. Upper end (doubling lemma, proven in ``kernels/triton_mse.py``'s docstring and docs/gpu-mse.md): for
     ``k >= 7``, ``s_k >= 2^-125``, ``2 s_k`` finite and ``fl(A / s_k) < 7``: ``E_{k+8} >= E_k``. With
-    ``k7 = min{k : A < (7 - 2^-22) s_k}`` (an exact fp64 comparison equivalent to ``fl(A/s_k) < 7``) and
-    ``k1 = max(k7, 7)``: if ``s_{k1} >= 2^-125`` every candidate above ``k1 + 7`` chains down in steps of 8
-    to one in [k1, k1 + 7] with no larger error, and loses the tie by its larger index: ``hi = k1 + 7``
-    (capped at 125; 125 when the guard fails). ``A == 0`` makes every ``E_j`` 0: the answer is 0.
+    ``k7 = min{k : fl(A / s_k) < 7}`` (tested with that IEEE division; monotone in k, so any k passing the
+    test is >= k7 and serves as well, ``_below_seven``) and ``k1 = max(k7, 7)``: if ``s_{k1} >= 2^-125``
+    every candidate above ``k1 + 7`` chains down in steps of 8 to one in [k1, k1 + 7] with no larger error,
+    and loses the tie by its larger index: ``hi = k1 + 7`` (capped at 125; 125 when the guard fails or no k
+    passes). ``A == 0`` makes every ``E_j`` 0: the answer is 0, which the scan from 0 finds.
  3. Lower end. Every E2M1 magnitude is <= 6, so for the element with ``|w_i| = A``,
     ``|d_i| >= fl(A - fl(6 s_j))`` whenever that is >= 0 (monotone rounding), and an index-order fp32 sum of
     non-negative terms is at least each term: ``E_j >= B_j = fl(relu(fl(A - fl(6 s_j)))^2)``, computed with
     exactly these ops. ``B_j`` is non-increasing in j, so once ``B_{lo-1} > best`` (the minimum over the
     scanned [lo, hi], which holds the answer's error), every ``j < lo`` has ``E_j > E_answer``.
- 4. The scan: [lo, hi] with ``lo = k7 - 1`` (any start is exact; this one needs the extension for under 1%
-    of real blocks) ascending with the reference's strict ``<`` from +inf (the first minimum wins); then
-    ``lo`` moves down one candidate at a time while ``B_{lo-1} <= best``, taking a candidate on ``<=``
-    (a lower index wins a tie). The result is the smallest index of the minimum over [lo, hi] and no index
-    outside can be the answer. With no finite error the extension runs to 0 and returns 0, as the
+ 4. The scan: a set S of candidates holding [lo, hi], ``lo = k7 - 1`` (any start is exact; this one needs
+    the extension for under 1% of real blocks): [lo, lo + 8] for every block, then up to hi where the window
+    is wider, in ascending order with the reference's strict ``<`` from +inf (the first minimum wins);
+    then ``lo`` moves down one candidate at a time while ``B_{lo-1} <= best``, taking a candidate on ``<=``
+    (a lower index wins a tie). Candidates of S above hi are harmless: none has a smaller error than the
+    answer, and on a tie the answer's index is smaller. The result is the smallest index of the minimum
+    over S, which is the answer. With no finite error the extension runs to 0 and returns 0, as the
     reference does.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import os
+import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import torch
 
 from moequant.formats.fp8 import E4M3_MIN_SUBNORMAL, e4m3_positive_values, round_to_e4m3
 from moequant.formats.mse import METHODS, search_block_scales_reference
-from moequant.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, block_squared_error, expand_global
+from moequant.formats.nvfp4 import (
+    BLOCK_SIZE,
+    E2M1_MAX,
+    block_squared_error,
+    expand_global,
+)
 
 NUM_CANDIDATES = 126
 BLOCKS_PER_CHUNK = 32768  # blocks per work item: per-block ([n]) bookkeeping amortizes its per-op overhead
-SUB_BLOCKS = 8192  # [16, sub] fp32 = 512 KiB: |w| slice + two scratch buffers stay in one core's L2
+SUB_BLOCKS = 8192  # [16, sub] fp32 = 512 KiB: the |w| slice and two scratch buffers stay in one core's L2
 MAIN_WIDTH = 9  # candidates every block scans (k7 - 1 .. k7 + 7); wider windows continue on a subset
 DOUBLING_MIN_SCALE = 2.0**-125  # proof step 2's guard
 SEVEN = 7.0
-SEVEN_BELOW = 7.0 - 2.0**-22  # A < (7 - 2^-22) s  <=>  fl(A / s) < 7 (25 significant bits: exact in fp64)
 _EXPONENT_MASK = 0x7F800000
 _MAGIC_SHIFT = 2.0**22  # M = 2^22 * 2^floor(log2 max(x, 1)): fl(x + M) - M rounds x onto the E2M1 grid
-
-
-class Scratch:
-    """Two fp32 scratch tensors ``[16, n]`` for ``block_error_f32``, reused across candidates (no allocation
-    per candidate), with the second one's row views made once."""
-
-    def __init__(self, shape, device):
-        self.q = torch.empty(shape, dtype=torch.float32, device=device)
-        self.r = torch.empty(shape, dtype=torch.float32, device=device)
-        self.r_rows = self.r.unbind(0)
 
 
 def e2m1_round_(x: torch.Tensor, magic: torch.Tensor) -> torch.Tensor:
@@ -93,36 +96,82 @@ def e2m1_magnitude_f32(x: torch.Tensor) -> torch.Tensor:
     return e2m1_round_(x, torch.empty_like(x))
 
 
-def block_error_f32(wabs_t: torch.Tensor, scale_f32: torch.Tensor, scratch: Scratch | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 squared error ``[n]`` of blocks ``|w|`` stored element-major ``[16, n]`` at scales ``[n]``.
+def _errors_loop(wabs_t: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+                 r_bits: torch.Tensor, sub: int) -> None:
+    """``out[c, j]`` = fp32 error of block j (``|w|`` element-major ``wabs_t [16, n]``) at scale ``scales[c, j]``.
 
-    Op for op ``nvfp4.block_squared_error`` (proof steps 0-1): divide, E2M1 round, multiply, subtract,
-    square, then a left-to-right sum over the 16 elements (into ``out`` if given).
-    """
-    scratch = scratch if scratch is not None else Scratch(wabs_t.shape, wabs_t.device)
-    q = torch.div(wabs_t, scale_f32, out=scratch.q)
-    deq = e2m1_round_(q, scratch.r).mul_(scale_f32)  # [16, n]
-    diff = torch.sub(wabs_t, deq, out=scratch.r)
-    diff.mul_(diff)
-    rows = scratch.r_rows
-    total = torch.add(rows[0], rows[1], out=out) if out is not None else torch.add(rows[0], rows[1])
-    for i in range(2, BLOCK_SIZE):
-        total.add_(rows[i])
-    return total
-
-
-def _errors_sliced(wabs_t: torch.Tensor, scale_f32: torch.Tensor) -> torch.Tensor:
-    """``block_error_f32`` over column slices of ``SUB_BLOCKS`` blocks (each slice's work stays in cache)."""
+    Op for op ``nvfp4.block_squared_error`` (proof steps 0-1): divide, E2M1 round (``e2m1_round_``'s ops),
+    multiply, subtract, square, then a left-to-right sum over the 16 elements. Column slices of ``sub``
+    blocks, every row of ``scales`` back to back while the slice is in cache; ``q``, ``r`` ``[16, >= sub]``
+    scratch, ``r_bits`` = ``r`` viewed as int32. Written in the TorchScript subset: ``_errors_runner`` runs it
+    compiled (no Python between ops) or, where TorchScript is unavailable, as is."""
     n = wabs_t.shape[1]
-    out = torch.empty(n, dtype=torch.float32, device=wabs_t.device)
-    scratch = None
-    for start in range(0, n, SUB_BLOCKS):
-        stop = min(start + SUB_BLOCKS, n)
-        if scratch is None or scratch.q.shape[1] != stop - start:
-            scratch = Scratch((BLOCK_SIZE, stop - start), wabs_t.device)
-        block_error_f32(wabs_t[:, start:stop], scale_f32[start:stop], scratch, out=out[start:stop])
+    for start in range(0, n, sub):
+        stop = min(start + sub, n)
+        w = wabs_t[:, start:stop]
+        qq, rr, bits = q[:, : stop - start], r[:, : stop - start], r_bits[:, : stop - start]
+        for c in range(scales.shape[0]):
+            s = scales[c, start:stop]
+            torch.div(w, s, out=qq)
+            qq.clamp_max_(6.0)
+            torch.clamp_min(qq, 1.0, out=rr)
+            bits.bitwise_and_(0x7F800000)  # 2^floor(log2 max(x, 1))
+            qq.add_(rr, alpha=4194304.0).sub_(rr, alpha=4194304.0)  # 2^22: RNE onto the E2M1 grid
+            qq.mul_(s)
+            torch.sub(w, qq, out=rr)
+            rr.mul_(rr)
+            total = out[c, start:stop]
+            torch.add(rr[0], rr[1], out=total)
+            for i in range(2, 16):
+                total.add_(rr[i])
+
+
+_SCRIPTED: list = []  # [the compiled _errors_loop, or None where TorchScript is unavailable], made on first use
+_SCRIPT_LOCK = threading.Lock()
+
+
+def _errors_runner():
+    """``_errors_loop`` compiled by TorchScript, else the Python function itself (the same ops either way).
+
+    Why: the worker threads of ``_cpu_workers`` hand the GIL to each other around every torch op; with about
+    150 ops per slice that hand-off, not the arithmetic, bounded two threads to the speed of one (measured on
+    a 2-core VM: 54 M elements/s with 1 or 2 threads in Python, 56 and 101-106 M/s compiled). The compiled
+    loop runs without the GIL. It is run with ``optimized_execution(False)``: plain interpretation, no graph
+    optimization or fusion, so each op is the ATen kernel the Python code calls."""
+    with _SCRIPT_LOCK:
+        if not _SCRIPTED:
+            try:
+                with warnings.catch_warnings():  # torch.jit.script is deprecated (still shipped in torch 2.13)
+                    warnings.filterwarnings("ignore", category=DeprecationWarning)
+                    _SCRIPTED.append(torch.jit.script(_errors_loop))
+            except (AttributeError, OSError, RuntimeError):  # no torch.jit, no source, or a compile failure
+                _SCRIPTED.append(None)
+    scripted = _SCRIPTED[0]
+    if scripted is None:
+        return _errors_loop
+
+    def run(*args) -> None:
+        with torch.jit.optimized_execution(False):  # thread-local: set in the thread that runs
+            scripted(*args)
+
+    return run
+
+
+def block_errors(wabs_t: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 errors ``[C, n]`` of blocks ``|w|`` ``[16, n]`` (element-major) at each row of ``scales [C, n]``."""
+    n = wabs_t.shape[1]
+    out = out if out is not None else torch.empty(scales.shape, dtype=torch.float32, device=wabs_t.device)
+    width = min(n, SUB_BLOCKS)
+    q = torch.empty((BLOCK_SIZE, width), dtype=torch.float32, device=wabs_t.device)
+    r = torch.empty((BLOCK_SIZE, width), dtype=torch.float32, device=wabs_t.device)
+    if n:
+        _errors_runner()(wabs_t, scales, out, q, r, r.view(torch.int32), SUB_BLOCKS)
     return out
+
+
+def block_error_f32(wabs_t: torch.Tensor, scale_f32: torch.Tensor) -> torch.Tensor:
+    """fp32 squared error ``[n]`` of blocks ``|w|`` stored element-major ``[16, n]`` at scales ``[n]``."""
+    return block_errors(wabs_t, scale_f32.unsqueeze(0))[0]
 
 
 def _saturation_bound(amax: torch.Tensor, scale_f32: torch.Tensor) -> torch.Tensor:
@@ -176,14 +225,7 @@ def _mse_chunk(wabs_t, amax, scale_table, global_f32) -> tuple[torch.Tensor, tor
     lo, hi = _window(amax, scale_table, global_f32)
     offsets = torch.arange(MAIN_WIDTH, device=lo.device).unsqueeze(1)
     scales = scale_table.index_select(0, (lo.unsqueeze(0) + offsets).view(-1)).view(MAIN_WIDTH, n)  # [9, n]
-    errors = torch.empty((MAIN_WIDTH, n), dtype=torch.float32, device=lo.device)
-    scratch = None
-    for start in range(0, n, SUB_BLOCKS):
-        stop = min(start + SUB_BLOCKS, n)
-        if scratch is None or scratch.q.shape[1] != stop - start:
-            scratch = Scratch((BLOCK_SIZE, stop - start), wabs_t.device)
-        for i in range(MAIN_WIDTH):  # every block: lo .. lo + 8, ascending
-            block_error_f32(wabs_t[:, start:stop], scales[i, start:stop], scratch, out=errors[i, start:stop])
+    errors = block_errors(wabs_t, scales)  # [9, n]: every block, lo .. lo + 8, ascending
     best_err, first = _first_minimum(errors)
     best_idx = lo + first
     evaluated = MAIN_WIDTH * n
@@ -198,11 +240,10 @@ def _scan_wide(wabs_t, scale_table, lo, hi, rows, best_err, best_idx) -> int:
     """Continue the ascending scan (strict ``<``) past the first 9 candidates for windows wider than that."""
     sub, sub_lo, sub_hi = wabs_t.index_select(1, rows), lo[rows], hi[rows]
     err_best, idx_best = best_err[rows], best_idx[rows]
-    scratch = Scratch(sub.shape, sub.device)
     evaluated = 0
     for offset in range(MAIN_WIDTH, int((sub_hi - sub_lo).max()) + 1):
         idx = torch.minimum(sub_lo + offset, sub_hi)
-        err = block_error_f32(sub, scale_table.index_select(0, idx), scratch)
+        err = block_error_f32(sub, scale_table.index_select(0, idx))
         better = err < err_best
         err_best = torch.where(better, err, err_best)
         idx_best = torch.where(better, idx, idx_best)
@@ -261,7 +302,7 @@ def _search_chunk(wb: torch.Tensor, global_f32: torch.Tensor, method: str, scale
         bits = round_to_e4m3((amax / six / global_f32).clamp_min(E4M3_MIN_SUBNORMAL)).view(torch.uint8)
         errors = None
         if want_errors:
-            errors = _errors_sliced(wabs_t, scale_table.index_select(0, bits.long() - 1))
+            errors = block_error_f32(wabs_t, scale_table.index_select(0, bits.long() - 1))
         return bits, errors, 0
     best, errors, evaluated = _mse_chunk(wabs_t, amax, scale_table, global_f32)
     return (best + 1).to(torch.uint8), errors, evaluated  # candidate j has E4M3 bits j + 1
@@ -273,17 +314,41 @@ def _cpu_workers(device: torch.device):
     torch ops (the ops release the GIL). Small per-chunk ops under torch's own intra-op pool spend most of
     their time in thread hand-offs, and collapse when the machine is oversubscribed (measured: 2 threads
     0.6 M elements/s vs 8.8 with 1 on a loaded 2-core machine). The intra-op thread count is process-wide:
-    it is restored in ``finally``."""
+    it is restored in ``finally``. The map returns a list once every item is done (also when one fails).
+    The worker threads are made on first use and kept (idle) for later calls: starting two threads per call
+    cost more than the work of a small tensor (measured: 3.7 s of thread starts in one demo-model run)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads <= 1:
-        yield map
+        yield lambda fn, items: list(map(fn, items))
         return
+    pool = _worker_pool(threads)
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            yield lambda fn, items: pool.map(torch.no_grad()(fn), items)
+        yield lambda fn, items: _run_all(pool, torch.no_grad()(fn), items)
     finally:
         torch.set_num_threads(threads)
+
+
+def _run_all(pool: ThreadPoolExecutor, fn, items) -> list:
+    futures = [pool.submit(fn, item) for item in items]
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
+_POOL_LOCK = threading.Lock()
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """The shared worker threads (``workers`` of them), made on first use, and again in a forked child
+    (which inherits the pool object but not its threads)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[:2] != (os.getpid(), workers):
+            if _POOL is not None and _POOL[0] == os.getpid():
+                _POOL[2].shutdown(wait=False)
+            _POOL = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moequant-cpu"))
+        return _POOL[2]
 
 
 def _batched_blocks(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
@@ -367,7 +432,7 @@ def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scal
         b, start, stop = item
         scale = block_f32[b, start:stop] * global_f32[b]  # nvfp4.effective_scale, [n]
         if _fast_path_ok(global_f32[b], scale):
-            out[b, start:stop] = _errors_sliced(_abs_t(flat[b, start:stop]), scale)
+            out[b, start:stop] = block_error_f32(_abs_t(flat[b, start:stop]), scale)
         else:
             out[b, start:stop] = block_squared_error(flat[b, start:stop].to(torch.float32), scale[:, None])
 
@@ -398,6 +463,7 @@ def _codes_f32_blocks(blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
 
 
 _ONE_EXPONENT_X2 = 0x3F800000 >> 22  # float32 1.0's bits >> 22 = 2 * 127
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def quantize_pack_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
@@ -417,8 +483,13 @@ def quantize_pack_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale
         stop = min(start + PACK_ROWS, n)
         blocks = w[start:stop].to(torch.float32).reshape(stop - start, k // BLOCK_SIZE, BLOCK_SIZE)
         scale = block_scale[start:stop].to(torch.float32).unsqueeze(-1) * gs  # nvfp4.effective_scale
-        codes = _codes_f32_blocks(blocks, scale).view(stop - start, k // 2, 2)
-        out[start:stop] = codes[..., 0].bitwise_or(codes[..., 1].bitwise_left_shift(4))
+        codes = _codes_f32_blocks(blocks, scale)
+        if _LITTLE_ENDIAN:  # an int64 holds (even code) | (odd code) << 32; its low byte, once shifted, is the pair
+            pairs = codes.view(torch.int64).view(stop - start, k // 2)
+            out[start:stop] = pairs.bitwise_or(pairs.bitwise_right_shift(28))  # uint8 keeps the low byte
+        else:
+            pairs = codes.view(stop - start, k // 2, 2)
+            out[start:stop] = pairs[..., 0].bitwise_or(pairs[..., 1].bitwise_left_shift(4))
 
     with _cpu_workers(w.device) as mapper:
         list(mapper(run, range(0, n, PACK_ROWS)))

@@ -142,7 +142,7 @@ class Checkpoint:
         """Release the open shards (also when the object is garbage-collected)."""
         self._handles.clear()
 
-    def __enter__(self) -> Checkpoint:
+    def __enter__(self) -> Checkpoint:  # noqa: PYI034 (typing.Self needs Python 3.11; we support 3.10)
         return self
 
     def __exit__(self, *exc) -> None:
