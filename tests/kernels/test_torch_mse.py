@@ -53,6 +53,9 @@ def assert_parity(w: torch.Tensor, global_scale: torch.Tensor, methods=("max", "
         err_ref = weight_squared_error(w, global_scale, ref)  # the twin of the error must match bit for bit
         err_fast = torch_mse.weight_squared_error(w, global_scale, ref)
         assert torch.equal(err_fast.view(torch.int32), err_ref.view(torch.int32)), f"{method}: errors differ"
+        one_pass = torch_mse.search_block_scales_with_errors(w, global_scale, method)  # errors from the search
+        assert torch.equal(one_pass[0].view(torch.uint8), ref.view(torch.uint8)), f"{method}: one-pass scales"
+        assert torch.equal(one_pass[1].view(torch.int32), err_ref.view(torch.int32)), f"{method}: one-pass errors"
     assert torch.equal(w, before), "the input weight was modified"
     return width
 

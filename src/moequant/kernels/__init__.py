@@ -64,8 +64,7 @@ def search_block_scales_with_errors(
     w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse", backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``search_block_scales`` plus the per-block squared errors of the chosen scales (bit-identical to
-    ``weight_squared_error``): the Triton kernel computes them in its one pass; the torch path computes them
-    after the search."""
+    ``weight_squared_error``): both backends take them from the search pass itself."""
     used = resolve_backend(backend, w.device)
     if used == "triton":
         from moequant.kernels import triton_mse
@@ -74,8 +73,8 @@ def search_block_scales_with_errors(
         return scales, errors, used
     from moequant.kernels import torch_mse
 
-    scales = torch_mse.search_block_scales(w, global_scale, method)
-    return scales, torch_mse.weight_squared_error(w, global_scale, scales), used
+    scales, errors = torch_mse.search_block_scales_with_errors(w, global_scale, method)
+    return scales, errors, used
 
 
 def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
