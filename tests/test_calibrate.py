@@ -188,6 +188,34 @@ def test_chunked_expert_evaluation_matches_per_expert(family, monkeypatch):
         assert float(routed[7]) == 0.0 and (routed[:7] > 0).all()
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_grouped_gemm_path_matches_the_padded_chunks(family, monkeypatch):
+    """The GPU path (grouped GEMM over pairs sorted by expert, sizes never read on the host), forced on here,
+    gives the padded-chunk path's values, with expert-parallel sentinels (-1, E) and rows cut into chunks."""
+    from moequant import expert_amax
+
+    model, _, containers = prepared(family)
+    for c in containers.values():
+        e_count = c.num_experts
+        x = torch.randn(48, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        index = torch.stack([torch.arange(48) % 7, (torch.arange(48) * 3 + 1) % 5 + 2], dim=1)   # expert 7 dead
+        index[3, 0], index[10, 1], index[11, 1] = -1, e_count, e_count + 5                      # sentinels
+        expert, token = index.reshape(-1), torch.arange(48).repeat_interleave(2)
+        valid = (expert >= 0) & (expert < e_count)
+        counts = torch.bincount(expert[valid], minlength=e_count)
+        with torch.no_grad():
+            padded = expert_amax.routed_gated_amax(c, x, token[valid], expert[valid], counts)
+            sentinel = torch.where(valid, expert, e_count)
+            with monkeypatch.context() as mp:
+                mp.setattr(expert_amax, "_grouped_mm_usable", lambda *_: True)
+                grouped = expert_amax.routed_gated_amax(c, x, token, sentinel, counts)
+                mp.setattr(expert_amax, "GATED_CHUNK_ELEMENTS", 2 * c.intermediate * 13)   # chunks of 13 rows
+                grouped_chunks = expert_amax.routed_gated_amax(c, x, token, sentinel, counts)
+        torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=0)
+        assert torch.equal(grouped_chunks, grouped)
+        assert float(grouped[7]) == 0.0 and (grouped[:7] > 0).all()
+
+
 @pytest.mark.gpu
 def test_batched_expert_evaluation_does_not_depend_on_its_chunk():
     """On an accelerator experts are evaluated in padded chunks; an expert's value must not depend on which

@@ -54,7 +54,8 @@ class CalibrationError(RuntimeError):
 
 @dataclass
 class ExpertsObservation:
-    """Running statistics of one fused-experts container (one MoE layer). Tensors live on the CPU."""
+    """Running statistics of one fused-experts container (one MoE layer). While observing, the tensors live on
+    the device of the container's input (a hook never waits for the device); ``settle`` moves them to the CPU."""
 
     path: str
     num_experts: int
@@ -67,6 +68,16 @@ class ExpertsObservation:
     stored: list = field(default_factory=list)   # container inputs [T, H] kept for the coverage pass
     evals: int = 0                # expert x token gate_up evaluations done for observation (main pass)
     seconds: float = 0.0
+    intervals: list = field(default_factory=list)   # (start, end) CUDA events of hooks not yet added up
+
+    def settle(self) -> None:
+        """Running statistics to the CPU, CUDA-timed hook intervals into ``seconds`` (one wait, not per hook)."""
+        self.tokens, self.gate_up_amax, self.down_amax, self.hidden_amax = (
+            t.cpu() for t in (self.tokens, self.gate_up_amax, self.down_amax, self.hidden_amax))
+        for start, end in self.intervals:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1000.0
+        self.intervals.clear()
 
     @classmethod
     def empty(cls, path: str, num_experts: int, want_down: bool) -> "ExpertsObservation":
@@ -83,6 +94,13 @@ class ActivationStats:
     experts: dict[str, ExpertsObservation] = field(default_factory=dict)
     kv_amax: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # [k amax, v amax]
     channels: ChannelStats | None = None   # per-channel mean squares, only when weighted_mse asks for them
+
+    def settle(self) -> None:
+        """Move what the hooks accumulated on the device to the CPU (``observing`` calls it on exit)."""
+        self.linear_amax = {k: v.cpu() for k, v in self.linear_amax.items()}
+        self.kv_amax = {k: [a.cpu() for a in v] for k, v in self.kv_amax.items()}
+        for obs in self.experts.values():
+            obs.settle()
 
 
 @dataclass(frozen=True)
@@ -102,12 +120,23 @@ class ExpertsCoverage:
 
 
 def _running_max(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    return torch.maximum(old, new.detach().to(device="cpu", dtype=torch.float32))
+    """max(old, new) on new's device: no copy to the host, so no wait for the device, per call."""
+    new = new.detach().float()
+    return torch.maximum(old.to(new.device), new)
 
 
 def _sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
+
+
+def _mark(x: torch.Tensor):
+    """A timestamp that does not wait for the device: a recorded CUDA event on a GPU, the clock on a CPU."""
+    if not x.is_cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(x.device))
+    return event
 
 
 def _routing(c: ExpertsContainer, signature: inspect.Signature, args, kwargs):
@@ -126,15 +155,14 @@ def _observe_routed(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tenso
     expert = index.reshape(-1)
     token = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
     valid = (expert >= 0) & (expert < e_count)          # expert-parallel sentinels are not experts
-    expert, token = expert[valid], token[valid]
-    counts = torch.bincount(expert, minlength=e_count)
+    expert = torch.where(valid, expert, e_count)        # ... they go to an extra bin, dropped (no host sync)
+    counts = torch.bincount(expert, minlength=e_count + 1)[:e_count]
     row_amax = x.detach().abs().amax(dim=-1).float()    # [T]
-    gate_up = torch.zeros(e_count, device=x.device).scatter_reduce(0, expert, row_amax[token], "amax")
-    obs.tokens += counts.cpu()
-    obs.gate_up_amax = _running_max(obs.gate_up_amax, gate_up)
+    gate_up = torch.zeros(e_count + 1, device=x.device).scatter_reduce(0, expert, row_amax[token], "amax")
+    obs.tokens = obs.tokens.to(counts.device) + counts
+    obs.gate_up_amax = _running_max(obs.gate_up_amax, gate_up[:e_count])
     if obs.want_down:
         obs.down_amax = _running_max(obs.down_amax, routed_gated_amax(c, x, token, expert, counts))
-        obs.evals += int(token.numel())
 
 
 def _observe_all(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tensor) -> None:
@@ -150,13 +178,12 @@ def _experts_hook(obs: ExpertsObservation, c: ExpertsContainer, policy: str, cha
     def hook(_module, args, kwargs):
         x, index = _routing(c, signature, args, kwargs)
         with torch.no_grad():
-            _sync(x)
-            start = time.perf_counter()
+            start = _mark(x)
             obs.hidden_amax = _running_max(obs.hidden_amax, abs_max(x))
             obs.total_tokens += x.shape[0]
             if policy == "route_all":
                 counts = torch.bincount(index[(index >= 0) & (index < obs.num_experts)], minlength=obs.num_experts)
-                obs.tokens += counts.cpu()
+                obs.tokens = obs.tokens.to(counts.device) + counts
                 _observe_all(obs, c, x)
             else:
                 _observe_routed(obs, c, x, index)
@@ -164,8 +191,11 @@ def _experts_hook(obs: ExpertsObservation, c: ExpertsContainer, policy: str, cha
                 observe_experts(channels, c, x, None if policy == "route_all" else index, obs.want_down)
             if policy == "coverage" and obs.want_down:
                 obs.stored.append(x.detach().clone())
-            _sync(x)
-            obs.seconds += time.perf_counter() - start
+            end = _mark(x)
+            if x.is_cuda:
+                obs.intervals.append((start, end))
+            else:
+                obs.seconds += end - start
 
     return hook
 
@@ -175,9 +205,12 @@ def finish_experts(obs: ExpertsObservation, c: ExpertsContainer, policy: str, mi
 
     Frees the stored inputs. Raises if the container received no token at all.
     """
+    obs.settle()
     if obs.total_tokens == 0:
         raise CalibrationError(f"{obs.path}: the experts container received no calibration token; check that "
                                "the model's forward reaches it")
+    if policy != "route_all" and obs.want_down:
+        obs.evals = int(obs.tokens.sum())   # the routed pass evaluates each routed (token, expert) pair once
     gate_up, down = obs.gate_up_amax.clone(), obs.down_amax.clone()
     tokens = obs.tokens.tolist()
     under = [e for e, n in enumerate(tokens) if n < min_tokens]
@@ -216,7 +249,7 @@ def _targeted_pass(obs: ExpertsObservation, c: ExpertsContainer, under: list[int
             evals += x.shape[0] * len(under)
         if obs.stored:
             _sync(obs.stored[0])
-    down[under] = amax
+    down[under] = amax.cpu()
     return evals, time.perf_counter() - start
 
 
@@ -231,7 +264,7 @@ def _linear_hook(stats: ActivationStats, key: str):
             if stats.channels is not None:
                 observe_linear(stats.channels, key, x)
             stats.linear_amax[key] = _running_max(stats.linear_amax[key], amax) if key in stats.linear_amax \
-                else amax.cpu()
+                else amax
 
     return hook
 
@@ -254,6 +287,7 @@ def observing(root: nn.Module, prefix: str, plan: Plan, containers: dict[str, Ex
     finally:
         for h in handles:
             h.remove()
+        stats.settle()
 
 
 def _attach_targets(root, prefix, plan, containers, stats, policy) -> list:

@@ -77,12 +77,16 @@ def routed_gated_amax(c: ExpertsContainer, x: torch.Tensor, token: torch.Tensor,
                       counts: torch.Tensor) -> torch.Tensor:
     """Per expert, amax of its down_proj input over its routed tokens (f32 ``[E]``, 0 for experts without).
 
-    ``(token, expert)``: the routed pairs. Experts are sorted by token count and evaluated in chunks padded to
-    the chunk's largest count (padding rows masked out), so the work is about the routed pairs themselves in
-    a few operations per chunk instead of several per expert.
+    ``(token, expert)``: the routed pairs; an ``expert`` value of E or more (an expert-parallel sentinel) is
+    no pair. ``counts [E]``: pairs per expert. On a GPU with grouped GEMM (bf16) the pairs go through one
+    grouped matmul per chunk of pairs, as the model's own grouped_mm experts do, with no wait for the device
+    (``_routed_grouped``). Otherwise experts are sorted by token count and evaluated in chunks padded to the
+    chunk's largest count (padding rows masked out), a few operations per chunk instead of several per expert.
     """
+    if _grouped_mm_usable(c, x):
+        return _routed_grouped(c, x, token, expert, counts)
     sizes = counts.tolist()
-    sorted_tokens = token[torch.argsort(expert, stable=True)]
+    sorted_tokens = token[torch.argsort(expert, stable=True)]                      # sentinels sort last
     w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
     bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
     starts = torch.cumsum(counts, 0) - counts
@@ -103,3 +107,43 @@ def routed_gated_amax(c: ExpertsContainer, x: torch.Tensor, token: torch.Tensor,
         low, high = torch.aminmax(inner.flatten(1), dim=1)
         out[ids_t] = torch.maximum(-low, high).float()
     return out
+
+
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_usable(c: ExpertsContainer, x: torch.Tensor) -> bool:
+    """Grouped GEMM exists for this call: CUDA (compute capability 8.0+), bf16, 16-byte aligned rows."""
+    w = c.canonical(c.layout.gate_up)
+    return (x.is_cuda and _grouped_mm_fn() is not None and x.dtype == w.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (8, 0)
+            and x.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0)
+
+
+def _routed_grouped(c: ExpertsContainer, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
+    """``routed_gated_amax`` by grouped GEMM over the pairs sorted by expert; sizes stay on the device.
+
+    Pairs are cut into chunks of a fixed number of rows (a function of the shapes only); a chunk's group
+    offsets are the global ones shifted and clamped on the device. Rows past the last offset (sentinel pairs)
+    are left unwritten by the GEMM and land in an extra bin that is dropped.
+    """
+    e_count = counts.shape[0]
+    w_t = c.canonical(c.layout.gate_up).transpose(-1, -2)                          # [E, H, 2I]
+    bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
+    order = torch.argsort(expert, stable=True)
+    expert_s = expert[order].clamp(max=e_count)                                    # sentinels -> bin E
+    rows = x[token[order]]                                                         # [P, H]
+    offs = torch.cumsum(counts, 0)                                                 # [E]
+    out = torch.zeros(e_count + 1, device=x.device)
+    step = max(1, GATED_CHUNK_ELEMENTS // max(2 * c.intermediate, 1))
+    for start in range(0, rows.shape[0], step):
+        stop = min(rows.shape[0], start + step)
+        offs_c = (offs - start).clamp(0, stop - start).to(torch.int32)
+        h = _grouped_mm_fn()(rows[start:stop], w_t, offs=offs_c)                    # [n, 2I]
+        ids = expert_s[start:stop]
+        h = h + bias[ids.clamp(max=e_count - 1)] if bias is not None else h
+        low, high = torch.aminmax(c.module._apply_gate(h), dim=-1)                 # [n]
+        out.scatter_reduce_(0, ids, torch.maximum(-low, high).float(), "amax")
+    return out[:e_count]

@@ -33,7 +33,9 @@ class KVObservationError(RuntimeError):
 
 
 def _running_max(old: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.maximum(old, abs_max(x).cpu())
+    """On x's device (no wait for the device per call); ``ActivationStats.settle`` moves it to the CPU."""
+    amax = abs_max(x)
+    return torch.maximum(old.to(amax.device), amax)
 
 
 class ObservingCache:
