@@ -38,6 +38,7 @@ from moequant.calibrate import (
 from moequant.channel_stats import ChannelStats, channel_weights
 from moequant.data import CalibrationDataError, calibration_tokens, load_tokenizer
 from moequant.discover import decoder_layers, discover, text_config
+from moequant import kernels
 from moequant.kv_cache import kv_cache_scales
 from moequant.layerwise import (
     LayerInput,
@@ -157,12 +158,13 @@ def quantize(model: nn.Module, recipe: str | Path | Recipe = "nvfp4", calib=None
 def _start(model, recipe: Recipe, device, backend: str, progress: bool, sequential: bool) -> _Run:
     report = Report(recipe.name, sequential, "", 0, recipe.calibration.dead_experts, recipe.calibration.min_tokens)
     start = time.perf_counter()
+    layers_path, layers = decoder_layers(model)
+    home = device_of(layers[0], f"{layers_path}.0") or torch.device("cpu")
+    _compile_ahead(recipe, layers, torch.device(device) if device is not None else home, backend)
     plan, schemes = apply_recipe(recipe, discover(model))
     report.stage_seconds["discover"] = time.perf_counter() - start
-    layers_path, layers = decoder_layers(model)
     hidden = int(text_config(model).hidden_size)
     containers = {c.path: c for c in find_experts(model, hidden)}
-    home = device_of(layers[0], f"{layers_path}.0") or torch.device("cpu")
     run = _Run(model, recipe, plan, schemes, containers, layers_path, layers,
                torch.device(device) if device is not None else home, backend, progress, report=report)
     if not sequential and device is not None and torch.device(device) != home:
@@ -177,6 +179,16 @@ def _start(model, recipe: Recipe, device, backend: str, progress: bool, sequenti
     if recipe.needs_channel_stats:
         run.stats.channels = ChannelStats()
     return run
+
+
+def _compile_ahead(recipe: Recipe, layers, device: torch.device, backend: str) -> None:
+    """A fresh process compiles the GPU block-scale search while discovery and the calibration forward run."""
+    w = recipe.weights
+    if w.format != "nvfp4" or w.global_search or w.four_over_six or device.type != "cuda":
+        return
+    dtype = next((p.dtype for p in layers[0].parameters() if p.is_floating_point()), None)
+    if dtype in (torch.bfloat16, torch.float16, torch.float32):
+        kernels.compile_ahead(device, dtype, w.method, backend)
 
 
 def _calibration_batches(run: _Run, calib, tokenizer, batch_size: int) -> list[torch.Tensor]:

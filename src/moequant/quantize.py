@@ -92,13 +92,9 @@ def _sq_norm(w: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _nvfp4_scales(target: Target, w, amax, shared_amax, method, backend) -> tuple[TensorScales, str]:
     gs = global_scale_from_amax(shared_amax)
-    block, sq_err, used = kernels.search_block_scales_with_errors(w, gs, method, backend)
+    block, sq_err, sq_err_max, used = kernels.search_with_max_errors(w, gs, method, backend)
     err = _per_expert_sum(sq_err, target.kind)
-    if method != "max":
-        _, sq_err_max, _ = kernels.search_block_scales_with_errors(w, gs, "max", backend)
-        err_max = _per_expert_sum(sq_err_max, target.kind)
-    else:
-        err_max = err
+    err_max = err if method == "max" else _per_expert_sum(sq_err_max, target.kind)
     norm = _sq_norm(w, target.kind)
     return TensorScales(target.key, "nvfp4", method, amax, gs, block, err, err_max, norm), used
 

@@ -77,6 +77,33 @@ def search_block_scales_with_errors(
     return scales, errors, used
 
 
+def search_with_max_errors(
+    w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse", backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """``search_block_scales_with_errors`` plus the per-block errors of the "max" method's scales under the same
+    global scale (bit-identical to a second search with "max"). Triton: one launch; torch: two searches."""
+    used = resolve_backend(backend, w.device)
+    if used == "triton":
+        from moequant.kernels import triton_mse
+
+        return (*triton_mse.search_with_max_errors(w, global_scale, method), used)
+    scales, errors, _ = search_block_scales_with_errors(w, global_scale, method, used)
+    max_errors = errors if method == "max" else search_block_scales_with_errors(w, global_scale, "max", used)[1]
+    return scales, errors, max_errors, used
+
+
+def compile_ahead(device: torch.device, dtype: torch.dtype, method: str, backend: str = "auto") -> bool:
+    """Start compiling the kernel ``search_with_max_errors`` will use for ``dtype`` weights on ``device``, on a
+    side thread, when that backend is Triton (a fresh process otherwise pays the compile at the first weight
+    search). Returns whether a compile was started. The first search on that device waits for it."""
+    if method not in ("mse", "max") or resolve_backend(backend, torch.device(device)) != "triton":
+        return False
+    from moequant.kernels import triton_mse
+
+    triton_mse.compile_in_background(device, dtype, method)
+    return True
+
+
 def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
     """Per-block squared error ``[..., N, K/16]``, bit-identical to ``formats.nvfp4.weight_squared_error``
     (vectorized torch on any device)."""

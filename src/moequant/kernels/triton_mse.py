@@ -40,6 +40,7 @@ Memory: the weight is read in place (a copy only if non-contiguous); outputs are
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -249,9 +250,9 @@ def _codes_word(w_ptr, base, live, s):
 
 
 @triton.jit
-def _search_kernel(w_ptr, gs_ptr, scale_ptr, code_ptr, err_ptr, n_blocks, blocks_per_batch,
+def _search_kernel(w_ptr, gs_ptr, scale_ptr, code_ptr, err_ptr, base_err_ptr, n_blocks, blocks_per_batch,
                    IS_MSE: tl.constexpr, WRITE_CODES: tl.constexpr, WRITE_ERR: tl.constexpr,
-                   BLOCK: tl.constexpr, LOW: tl.constexpr):
+                   WRITE_BASE_ERR: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr):
     blk = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # one NVFP4 block per lane
     live = blk < n_blocks
     base = blk.to(tl.int64) * 16
@@ -270,6 +271,8 @@ def _search_kernel(w_ptr, gs_ptr, scale_ptr, code_ptr, err_ptr, n_blocks, blocks
         tl.store(code_ptr + blk, _codes_word(w_ptr, base, live, s), mask=live)
     if WRITE_ERR:
         tl.store(err_ptr + blk, _block_error(xs, s), mask=live)
+    if WRITE_BASE_ERR:  # the "max" baseline's error too, from the same loaded block (quantize's report)
+        tl.store(base_err_ptr + blk, _block_error(xs, _cand_value(_max_index(amax, gs)) * gs), mask=live)
 
 
 def _interpreting() -> bool:
@@ -305,6 +308,66 @@ def search_block_scales(w: torch.Tensor, global_scale: torch.Tensor, method: str
     errors float32 ``[..., N, K/16]`` (each None unless asked for). ``_low_margin`` (tests only): how many
     candidates below kA the window starts with; any value is exact, 0 exercises the downward extension.
     """
+    scales, codes, errors, _ = _launch(w, global_scale, method, return_codes, return_errors, False, _low_margin)
+    if not (return_codes or return_errors):
+        return scales
+    return scales, codes, errors
+
+
+def search_with_max_errors(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse"):
+    """``(scales, errors, max_errors)``: ``search_block_scales(..., return_errors=True)``'s scales and errors,
+    plus the per-block errors the "max" method's scales would give, all from one launch (one compile in a
+    fresh process, one read of the weight): what ``quantize`` reports as the MSE gain."""
+    scales, _, errors, base = _launch(w, global_scale, method, False, True, method != "max", 2)
+    return scales, errors, base if method != "max" else errors
+
+
+# Cold start: compiling a specialization takes 2-4 s (Triton to PTX, then ptxas). ``compile_in_background``
+# starts the compile of quantize's specialization on a side thread while the pipeline discovers the model and
+# runs the calibration forward; the first launch on that device waits for it instead of compiling again.
+_PENDING: dict[torch.device, tuple[threading.Thread, list]] = {}
+_PENDING_LOCK = threading.Lock()
+
+
+def compile_in_background(device: torch.device, dtype: torch.dtype, method: str) -> None:
+    """Compile (and run once, on a tiny tensor) ``search_with_max_errors``'s kernel for ``dtype`` weights."""
+    device = torch.device(device)
+    with _PENDING_LOCK:
+        if device in _PENDING:
+            return
+        failure: list = []
+        thread = threading.Thread(target=_compile, args=(device, dtype, method, failure), daemon=True,
+                                  name="moequant-triton-compile")
+        _PENDING[device] = (thread, failure)
+        thread.start()
+
+
+def _compile(device, dtype, method, failure) -> None:
+    try:
+        with torch.cuda.device(device):
+            # [1, 16, 256]: block counts that are multiples of 16, as real weights' are (Triton specializes
+            # integer arguments on that), so the real launch finds this compile in the cache
+            w = torch.zeros(1, 16, 256, dtype=dtype, device=device)
+            _launch(w, torch.ones(1, device=device), method, False, True, method != "max", 2, wait=False)
+            torch.cuda.synchronize(device)
+    except BaseException as err:  # handed to the thread that waits (_wait_for_compile), raised there
+        failure.append(err)
+
+
+def _wait_for_compile(device: torch.device) -> None:
+    with _PENDING_LOCK:
+        pending = _PENDING.pop(device, None)
+    if pending is None:
+        return
+    thread, failure = pending
+    thread.join()
+    if failure:
+        raise RuntimeError(f"compiling the Triton block-scale search for {device} failed") from failure[0]
+
+
+def _launch(w, global_scale, method, return_codes, return_errors, return_base, low_margin, wait=True):
+    if wait:
+        _wait_for_compile(w.device)
     gs = _check_inputs(w, global_scale, method)
     w_c = w.contiguous()
     n_blocks = w.numel() // BLOCK_SIZE
@@ -312,14 +375,15 @@ def search_block_scales(w: torch.Tensor, global_scale: torch.Tensor, method: str
     scales = torch.empty(n_blocks, dtype=torch.uint8, device=w.device)
     codes = torch.empty(n_blocks if return_codes else 1, dtype=torch.int64, device=w.device)
     errors = torch.empty(n_blocks if return_errors else 1, dtype=torch.float32, device=w.device)
+    base = torch.empty(n_blocks if return_base else 1, dtype=torch.float32, device=w.device)
     if n_blocks:
         grid = (triton.cdiv(n_blocks, BLOCK_B),)
-        _search_kernel[grid](w_c, gs, scales, codes, errors, n_blocks, blocks_per_batch,
+        _search_kernel[grid](w_c, gs, scales, codes, errors, base, n_blocks, blocks_per_batch,
                              IS_MSE=method == "mse", WRITE_CODES=return_codes, WRITE_ERR=return_errors,
-                             BLOCK=BLOCK_B, LOW=_low_margin, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                             WRITE_BASE_ERR=return_base, BLOCK=BLOCK_B, LOW=low_margin, num_warps=NUM_WARPS,
+                             enable_fp_fusion=False)
     out_scales = scales.view(torch.float8_e4m3fn).reshape(*w.shape[:-1], w.shape[-1] // BLOCK_SIZE)
-    if not (return_codes or return_errors):
-        return out_scales
     out_codes = codes.view(torch.uint8).reshape(*w.shape[:-1], w.shape[-1] // 2) if return_codes else None
     out_err = errors.reshape(out_scales.shape) if return_errors else None
-    return out_scales, out_codes, out_err
+    out_base = base.reshape(out_scales.shape) if return_base else None
+    return out_scales, out_codes, out_err, out_base
