@@ -7,7 +7,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 from moequant.verify.decode import Checkpoint
 

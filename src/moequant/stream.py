@@ -37,9 +37,9 @@ from moequant.export.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     ExportError,
     TensorSpec,
-    _build,
     _check_target,
     natural_key,
+    owned,
     write_checkpoint,
 )
 from moequant.journal import Journal, fingerprint, partial_dir
@@ -178,7 +178,7 @@ def _rest_part(stream: _Stream) -> None:
         return
     sub = QuantState(run.plan.with_targets((), run.plan.excluded), {}, "torch", run.recipe.weights.method)
     specs = tensor_specs(run.model, sub, stream.fmt, prefix="", exclude_prefix=run.layers_path + ".")
-    stream.journal.record("rest", {s.name: _build(s) for s in specs}, {})
+    stream.journal.record("rest", {s.name: owned(s) for s in specs}, {})
 
 
 def _layer(stream: _Stream, i: int, inputs: list) -> None:
@@ -242,7 +242,7 @@ def _export_layer(stream: _Stream, part: str, path: str, targets: list[Target]) 
         run.tensors[k] = _light(run.tensors[k])
     summary = {"tensors": {k: run.tensors[k] for k in keys}, "kv": kv, "backends": sorted(run.backends),
                "coverage": [c for c in run.report.coverage if c.path.startswith(path + ".")]}
-    stream.journal.record(part, {s.name: _build(s) for s in specs}, summary)
+    stream.journal.record(part, {s.name: owned(s) for s in specs}, summary)
     stream.kv_scales.update(kv)
 
 

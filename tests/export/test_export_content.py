@@ -93,6 +93,17 @@ def test_bad_scale_is_refused_naming_the_tensor(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("bits", [0x00, 0x7F, 0x80, 0xB8], ids=["zero", "nan", "minus-zero", "negative"])
+def test_bad_block_scale_is_refused_naming_the_expert(tmp_path, bits):
+    """The whole-tensor check (fp8 bytes 0x01..0x7E) finds one bad block among all experts' and names it."""
+    model, state = calibrated("olmoe")
+    block = state.tensors["model.layers.1.mlp.experts.gate_up_proj"].block_scale
+    block.view(torch.uint8)[5, -1, -1] = bits   # expert 5, its last row: the up half
+    with pytest.raises(ExportError, match=r"experts\.5\.up_proj\.weight: block scale"):
+        export(model, state, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 STRICT_INVALID = dict(top_k=20, top_p=0.95, do_sample=False)
 
 

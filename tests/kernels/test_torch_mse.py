@@ -7,7 +7,7 @@ from moequant import kernels
 from moequant.formats.fp8 import e4m3_positive_values
 from moequant.formats.mse import search_block_scales_reference
 from moequant.formats.nvfp4 import global_scale_from_amax, tensor_amax, weight_squared_error
-from moequant.kernels import torch_mse
+from moequant.kernels import torch_mse, torch_pack
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -229,13 +229,13 @@ def test_quantize_pack_nvfp4_gives_the_reference_bytes():
         w[0, :16] = -0.0
         block = torch.full((40, 16), float(e4m3_positive_values()[60])).to(torch.float8_e4m3fn)
         gs = torch.tensor(global_f32)
-        assert torch.equal(torch_mse.quantize_pack_nvfp4(w, gs, block), pack_fp4(quantize_nvfp4(w, gs, block)))
+        assert torch.equal(torch_pack.quantize_pack_nvfp4(w, gs, block), pack_fp4(quantize_nvfp4(w, gs, block)))
     for seed in range(4):
         w = _student_t((300, 512), 3, seed=300 + seed).to([torch.float32, torch.bfloat16][seed % 2])
         gs = _own_global(w) * (0.25, 1.0, 3.0, 1e-30)[seed]
         for method in ("max", "mse"):
             block = torch_mse.search_block_scales(w, gs, method)
-            fast = torch_mse.quantize_pack_nvfp4(w, gs, block)
+            fast = torch_pack.quantize_pack_nvfp4(w, gs, block)
             assert torch.equal(fast, pack_fp4(quantize_nvfp4(w, gs, block))), (seed, method)
 
 

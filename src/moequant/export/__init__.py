@@ -57,10 +57,12 @@ def format_configs(model: nn.Module, state: QuantState, fmt: str) -> tuple[dict,
 
 
 def tensor_specs(model: nn.Module, state: QuantState, fmt: str, prefix: str = "",
-                 exclude_prefix: str | None = None) -> list[TensorSpec]:
-    """Every tensor of the checkpoint (quantized targets, KV scales, unquantized tensors under ``prefix``)."""
+                 exclude_prefix: str | None = None, *, check: bool = True) -> list[TensorSpec]:
+    """Every tensor of the checkpoint (quantized targets, KV scales, unquantized tensors under ``prefix``).
+    ``check=False``: the caller has run ``common.check_exportable`` on this state already."""
     if state.plan.targets:
-        common.check_exportable(state)
+        if check:
+            common.check_exportable(state)
         mod = modelopt_hf if fmt == "modelopt" else compressed_tensors
         quantized = mod.tensor_specs(model, state)
     else:  # a part without quantized targets (a dense layer under an experts-only recipe): KV scales only
@@ -100,6 +102,6 @@ def export(
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; expected one of {FORMATS}")
     common.check_exportable(state)
-    specs = sorted(tensor_specs(model, state, format), key=lambda s: natural_key(s.name))
+    specs = sorted(tensor_specs(model, state, format, check=False), key=lambda s: natural_key(s.name))
     write_extras = checkpoint_extras(model, state, format, source_dir, recipe)
     return write_checkpoint(out_dir, specs, write_extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

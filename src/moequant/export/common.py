@@ -1,7 +1,7 @@
 """What both formats share: exportability checks, unquantized tensors, excluded names, weight codes.
 
 Codes are computed here from the state's scales (``formats.nvfp4.quantize_nvfp4`` + ``formats.fp4.pack_fp4``, for 2-D
-NVFP4 slices through their byte-identical twin ``kernels.torch_mse.quantize_pack_nvfp4``,
+NVFP4 slices through their byte-identical twin ``kernels.torch_pack.quantize_pack_nvfp4``,
 ``formats.fp8.quantize_fp8_tensor``); no scale is re-derived at export. Names come from the plan's on-disk
 slices (transformers' own save-time conversion), so experts are written per expert under their hub names
 (``...experts.{e}.gate_proj``, Mixtral ``...block_sparse_moe.experts.{e}.w1``).
@@ -18,7 +18,7 @@ from moequant.export.writer import ExportError, TensorSpec, natural_key
 from moequant.formats.fp4 import pack_fp4
 from moequant.formats.fp8 import quantize_fp8_tensor
 from moequant.formats.nvfp4 import BLOCK_SIZE, quantize_nvfp4
-from moequant.kernels import torch_mse
+from moequant.kernels import torch_pack
 from moequant.models.disk_names import disk_slices, revert_weight_conversion
 from moequant.plan import Target
 from moequant.quantize import canonical_weight
@@ -99,6 +99,15 @@ def input_scales_present(state: QuantState) -> bool:
     )
 
 
+def _all_finite_positive(x: torch.Tensor | None) -> bool:
+    if x is None:
+        return True
+    if x.dtype == torch.float8_e4m3fn:  # finite, > 0 <=> bits 0x01..0x7E (0x7F is NaN, 0x80.. negative or -0)
+        return bool((x.view(torch.uint8) - 1 < 126).all())   # uint8: 0 - 1 wraps to 255
+    xf = x.to(torch.float32)
+    return bool((torch.isfinite(xf) & (xf > 0)).all())
+
+
 def check_exportable(state: QuantState) -> None:
     """Raise ``ExportError`` naming the tensor for anything the formats cannot represent."""
     for target in state.plan.targets:
@@ -106,10 +115,14 @@ def check_exportable(state: QuantState) -> None:
             raise ExportError(f"{target.key}: in the plan but not calibrated; run calibrate_weights on this plan")
         _check_target_layout(target)
     with _one_thread():
+        # one pass over each target's whole scale tensors; only a failure walks its on-disk records to name one
+        bad = {key for key, s in state.tensors.items()
+               if not all(_all_finite_positive(x) for x in (s.global_scale, s.block_scale, s.input_scale))}
         for name, rec in state.records().items():
-            _check_finite_positive(name, "global scale", rec.global_scale)
-            _check_finite_positive(name, "block scale", rec.block_scale)
-            _check_finite_positive(name, "input scale", rec.input_scale)
+            if rec.target in bad:
+                _check_finite_positive(name, "global scale", rec.global_scale)
+                _check_finite_positive(name, "block scale", rec.block_scale)
+                _check_finite_positive(name, "input scale", rec.input_scale)
         for path, kv in state.kv_cache.items():
             _check_finite_positive(path, "k_scale", kv.k_scale)
             _check_finite_positive(path, "v_scale", kv.v_scale)
@@ -132,7 +145,7 @@ def nvfp4_packed(model: nn.Module, target: Target, rec: Record) -> torch.Tensor:
     """Packed FP4 codes (uint8 ``[rows, K/2]``, low nibble = even element) from the state's scales."""
     w = slice_weight(model, target, rec)  # scales live on the CPU; the weight may be on a GPU: quantize there
     if w.ndim == 2 and rec.global_scale.numel() == 1:  # the same bytes, without the reference's slow compares
-        return torch_mse.quantize_pack_nvfp4(w, rec.global_scale.to(w.device), rec.block_scale.to(w.device))
+        return torch_pack.quantize_pack_nvfp4(w, rec.global_scale.to(w.device), rec.block_scale.to(w.device))
     return pack_fp4(quantize_nvfp4(w, rec.global_scale.to(w.device), rec.block_scale.to(w.device)))
 
 

@@ -78,8 +78,14 @@ def _build(spec: TensorSpec) -> torch.Tensor:
             f"{spec.name}: built tensor is {t.dtype} {tuple(t.shape)} but the format table says "
             f"{spec.dtype} {tuple(spec.shape)}; this is a moequant exporter bug, please report it"
         )
-    # own, contiguous CPU storage: safetensors refuses tensors that share memory (views of one scale tensor)
-    return t.detach().to("cpu").contiguous().clone()
+    # contiguous CPU bytes; no copy beyond the device-to-host one (the writer writes each tensor out at once;
+    # holders of many built tensors take ``owned`` copies: views of one scale tensor share memory)
+    return t.detach().to("cpu").contiguous()
+
+
+def owned(spec: TensorSpec) -> torch.Tensor:
+    """``_build`` in storage of its own (for safetensors' ``save_file``, which refuses shared memory)."""
+    return _build(spec).clone()
 
 
 SAFETENSORS_DTYPES = {
@@ -117,7 +123,7 @@ def write_safetensors(path: Path, shard: list[TensorSpec]) -> None:
         for spec in order:
             t = _build(spec)
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # the tensor's own buffer
             del t
 
 

@@ -6,7 +6,6 @@ evaluates, per block, only a window of candidates that provably contains the ref
 on real weights, more for under 1% of blocks), each with the reference's exact fp32 arithmetic
 (``_errors_loop``: slices of ``SUB_BLOCKS`` blocks that stay in cache, scratch reused across candidates,
 compiled by TorchScript where available so that the two workers do not queue for the GIL between ops).
-``quantize_pack_nvfp4`` is the export's twin of ``pack_fp4(quantize_nvfp4(...))``.
 
 Notation: candidates ``c_0 < ... < c_125`` (E4M3 bits 1..126), ``s_j = fl(c_j * g)``, ``E_j`` the fp32 block
 error of ``nvfp4.block_squared_error`` at ``s_j``; ``fl`` is round-to-nearest-even fp32, ``A`` the block amax.
@@ -54,7 +53,6 @@ Proof sketch that the fast path returns the same index:
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -439,58 +437,3 @@ def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scal
     with _cpu_workers(w.device) as mapper:
         list(mapper(run, items))
     return out.reshape(out_shape)
-
-
-PACK_ROWS = 256  # rows per work item of ``quantize_pack_nvfp4``
-
-
-def _codes_f32_blocks(blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int32 E2M1 codes of ``blocks / scale`` (``[..., 16]`` fp32, scale ``[..., 1]``), as ``fp4.encode_e2m1``.
-
-    Magnitude: ``a = min(|q|, 6)``, ``M = 2^floor(log2 max(a, 1))`` (1, 2 or 4) and ``R = fl(a + 2^22 M)``
-    (proof step 1): ``R = 2^22 M + k * ulp`` with ulp 0.5, 1, 2 and k <= 4, so R's low significand bits are
-    k, and the magnitude index is ``k + 2 log2(M)`` (0.5 -> 1, 2 -> 4 on the first range, 3 -> 5 and
-    4 -> 6 on the second, 6 -> 7 on the third). Sign: the sign bit of ``q`` moved to bit 3, kept only where
-    the index is > 0 (``(index + 7) & 8``), so -0 and negative values that round to 0 get code 0."""
-    q = blocks / scale  # IEEE division, the reference's
-    mag = q.abs().clamp_max_(E2M1_MAX)
-    step = torch.clamp_min(mag, 1.0)
-    step_bits = step.view(torch.int32).bitwise_and_(_EXPONENT_MASK)  # M = 1, 2 or 4 (exact)
-    index = mag.add_(step, alpha=_MAGIC_SHIFT).view(torch.int32).bitwise_and_(7)  # k
-    index.add_(step_bits.bitwise_right_shift_(22)).sub_(_ONE_EXPONENT_X2)  # + 2 log2(M)
-    sign = q.view(torch.int32).bitwise_right_shift(28).bitwise_and_(8)  # 8 where q's sign bit is set
-    return index.bitwise_or_(sign.bitwise_and_(index + 7))
-
-
-_ONE_EXPONENT_X2 = 0x3F800000 >> 22  # float32 1.0's bits >> 22 = 2 * 127
-_LITTLE_ENDIAN = sys.byteorder == "little"
-
-
-def quantize_pack_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
-    """``fp4.pack_fp4(nvfp4.quantize_nvfp4(w, global_scale, block_scale))`` for a 2-D ``w [N, K]`` and a
-    scalar global scale: uint8 ``[N, K/2]``, the same bytes (element 2j in the low nibble), computed with
-    arithmetic only (comparisons are the reference's slow part on CPU), over row slices on worker threads
-    each running single-threaded torch ops (see ``_cpu_workers``)."""
-    if w.ndim != 2 or w.shape[-1] % BLOCK_SIZE or global_scale.numel() != 1:
-        raise ValueError(f"expected w [N, K] with K divisible by {BLOCK_SIZE} and one global scale, got "
-                         f"{tuple(w.shape)} and {tuple(global_scale.shape)}")
-    w = w.detach()
-    n, k = w.shape
-    out = torch.empty((n, k // 2), dtype=torch.uint8, device=w.device)
-    gs = global_scale.to(torch.float32).reshape(())
-
-    def run(start):
-        stop = min(start + PACK_ROWS, n)
-        blocks = w[start:stop].to(torch.float32).reshape(stop - start, k // BLOCK_SIZE, BLOCK_SIZE)
-        scale = block_scale[start:stop].to(torch.float32).unsqueeze(-1) * gs  # nvfp4.effective_scale
-        codes = _codes_f32_blocks(blocks, scale)
-        if _LITTLE_ENDIAN:  # an int64 holds (even code) | (odd code) << 32; its low byte, once shifted, is the pair
-            pairs = codes.view(torch.int64).view(stop - start, k // 2)
-            out[start:stop] = pairs.bitwise_or(pairs.bitwise_right_shift(28))  # uint8 keeps the low byte
-        else:
-            pairs = codes.view(stop - start, k // 2, 2)
-            out[start:stop] = pairs[..., 0].bitwise_or(pairs[..., 1].bitwise_left_shift(4))
-
-    with _cpu_workers(w.device) as mapper:
-        list(mapper(run, range(0, n, PACK_ROWS)))
-    return out
