@@ -140,6 +140,27 @@ def run_ours(model, tokens, out_dir: str, recipe) -> dict:
             "under_covered": sum(len(c.under_covered) for c in result.report.coverage)}
 
 
+def profile_export(model, tokens, recipe, out_dir: str, report_dir: str) -> None:
+    """Where export's seconds go: cProfile of one export (stats file + the top 25 by cumulative time)."""
+    import cProfile
+    import io
+    import pstats
+
+    import moequant
+
+    result = moequant.quantize(model, recipe, tokens, device=DEVICE, batch_size=BATCH)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    moequant.export(model, result.state, out_dir, format="modelopt", recipe=result.recipe)
+    sync()
+    prof.disable()
+    prof.dump_stats(os.path.join(report_dir, "export.prof"))
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(25)
+    print(text.getvalue(), flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ ModelOpt
 
 
@@ -341,6 +362,7 @@ def main() -> None:
     parser.add_argument("--skip-modelopt", action="store_true")
     parser.add_argument("--skip-cold", action="store_true")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    parser.add_argument("--profile-export", action="store_true", help="cProfile one more export (top 25 printed)")
     parser.add_argument("--cold-child", choices=("ours", "modelopt"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cold_child:
@@ -379,6 +401,8 @@ def main() -> None:
     results["ours"] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
     results["ours"]["stages"] = {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) for k in runs[0]["stages"]}
     results["ours_checkpoint"] = checkpoint_summary(out)
+    if args.profile_export:
+        profile_export(base, tokens, recipe, os.path.join(args.tmp, "ours_profiled"), args.out)
     print("ours checkpoint:", json.dumps(results["ours_checkpoint"]), flush=True)
 
     if not args.skip_modelopt:
