@@ -170,6 +170,18 @@ def _searched_scales(targets: list[Target], weights, amax, shared, options: _Opt
     groups: dict[str, list[Target]] = {}
     for t in targets:
         groups.setdefault(t.group if t.group is not None else "target:" + t.key, []).append(t)
+    if options.method == "weighted_mse" and not options.global_search:  # scales and errors in one search
+        used = set()
+        for t in targets:
+            w = weights[t.key]
+            gs = global_scale_from_amax(shared[t.key])
+            block, err, err_max, b = kernels.search_weighted_with_errors(
+                w, gs, _channel_weights_of(t, options, w.device), options.backend)
+            used.add(b)
+            out[t.key] = TensorScales(t.key, "nvfp4", options.label, amax[t.key], gs, block,
+                                      _per_expert_sum(err, t.kind), _per_expert_sum(err_max, t.kind),
+                                      _sq_norm(w, t.kind))
+        return used
     search = kernels.block_search("four_over_six" if options.four_over_six else options.method, options.backend)
     for members in groups.values():
         pairs = [(weights[t.key], _channel_weights_of(t, options, weights[t.key].device)) for t in members]

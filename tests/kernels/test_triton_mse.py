@@ -156,6 +156,76 @@ def test_window_extension_is_exact(low_margin):
         assert check_case(w, gs, torch.float32, "cuda", search) == [], name
 
 
+def channel_weight_cases(w: torch.Tensor, gen: torch.Generator):
+    """(name, h) for w [..., N, K]: heavy-tailed, zero channels, an all-zero block, huge/tiny, per expert."""
+    k = w.shape[-1]
+    h = torch.rand(k, generator=gen) ** 4
+    h[::7] = 0.0
+    yield "heavy-tailed with zeros", h
+    h = torch.rand(k, generator=gen)
+    h[:16] = 0.0
+    yield "one all-zero block", h
+    yield "huge and tiny", torch.where(torch.rand(k, generator=gen) < 0.5, 1e30, 1e-30)
+    yield "ones (= mse)", torch.ones(k)
+    if w.ndim == 3:
+        yield "per expert", torch.rand(w.shape[0], k, generator=gen) ** 2
+
+
+def check_weighted(w, gs, h, dtype, low_margin=2) -> list[str]:
+    from moequant.formats.weighted_mse import search_weighted_reference
+    from moequant.kernels import triton_mse
+
+    w = w.to(dtype)
+    gs = own_global(w) if gs is None else gs
+    ref = search_weighted_reference(w, gs, h)
+    scales, errors, max_errors = triton_mse.search_weighted(w.cuda(), gs.cuda(), h.cuda(), return_errors=True,
+                                                            _low_margin=low_margin)
+    failures = []
+    if not torch.equal(scales.cpu().view(torch.uint8), ref.view(torch.uint8)):
+        bad = int((scales.cpu().view(torch.uint8) != ref.view(torch.uint8)).sum())
+        failures.append(f"scales: {bad} of {ref.numel()} blocks differ")
+    if not torch.equal(errors.cpu().view(torch.int32), weight_squared_error(w, gs, ref).view(torch.int32)):
+        failures.append("plain errors differ")
+    ref_max = search_block_scales_reference(w, gs, "max")
+    if not torch.equal(max_errors.cpu().view(torch.int32), weight_squared_error(w, gs, ref_max).view(torch.int32)):
+        failures.append("max errors differ")
+    return failures
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weighted_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(4)
+    for name, w, gs in list(random_cases(gen)) + list(adversarial_cases(gen)):
+        if dtype == torch.float16 and w.abs().max() > 65504:
+            continue
+        for h_name, h in channel_weight_cases(w, gen):
+            assert check_weighted(w, gs, h, dtype) == [], (name, h_name)
+
+
+def test_weighted_window_extension_is_exact():
+    gen = torch.Generator().manual_seed(5)
+    for name, w, gs in list(random_cases(gen)) + list(adversarial_cases(gen)):
+        for h_name, h in channel_weight_cases(w, gen):
+            assert check_weighted(w, gs, h, torch.float32, low_margin=0) == [], (name, h_name)
+
+
+def test_weighted_quantize_on_cuda_equals_the_torch_backend():
+    """nvfp4-best's weight search on the GPU (Triton) gives the CPU torch twin's bytes, end to end."""
+    from biased_models import biased, calib_ids, recipe
+
+    from moequant import quantize
+
+    model = biased("qwen3_moe").cuda()
+    results = {b: quantize(model, recipe("nvfp4-best"), calib_ids(), backend=b) for b in ("triton", "torch")}
+    assert results["triton"].state.backend == "triton" and results["torch"].state.backend == "torch"
+    for key, s in results["torch"].state.tensors.items():
+        t = results["triton"].state.tensors[key]
+        assert torch.equal(t.block_scale.view(torch.uint8), s.block_scale.view(torch.uint8)), key
+        # per-block errors are bit-identical; their per-expert sums run on the GPU in both (reduction order)
+        torch.testing.assert_close(t.sq_error, s.sq_error, rtol=1e-5, atol=0)
+        torch.testing.assert_close(t.sq_error_max, s.sq_error_max, rtol=1e-5, atol=0)
+
+
 def test_dispatch_uses_triton_on_cuda():
     from moequant.kernels import search_block_scales
 

@@ -115,18 +115,31 @@ def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scal
 def search_weighted_block_scales(
     w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor, backend: str = "auto"
 ) -> tuple[torch.Tensor, str]:
-    """Activation-weighted exact block scales (``formats.weighted_mse``), and the backend used.
+    """Activation-weighted exact block scales (``formats.weighted_mse``), and the backend used (same backend
+    rules as ``search_block_scales``: the Triton kernel on CUDA, the vectorized torch twin elsewhere)."""
+    used = resolve_backend(backend, w.device)
+    if used == "triton":
+        from moequant.kernels import triton_mse
 
-    Only the vectorized torch twin exists (it runs on CPU and CUDA): ``backend="triton"`` raises, "auto" picks
-    "torch" on every device (recorded as such).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "triton":
-        raise BackendUnavailable("weighted_mse has no Triton kernel yet; use backend='torch' or 'auto'")
+        return triton_mse.search_weighted(w, global_scale, h), used
     from moequant.kernels import torch_weighted
 
-    return torch_weighted.search_weighted(w, global_scale, h), "torch"
+    return torch_weighted.search_weighted(w, global_scale, h), used
+
+
+def search_weighted_with_errors(
+    w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """``search_weighted_block_scales`` plus the plain per-block errors (``weight_squared_error``) at those
+    scales and at the "max" method's: one launch on Triton, three passes on torch."""
+    used = resolve_backend(backend, w.device)
+    if used == "triton":
+        from moequant.kernels import triton_mse
+
+        return (*triton_mse.search_weighted(w, global_scale, h, return_errors=True), used)
+    scales, _ = search_weighted_block_scales(w, global_scale, h, used)
+    max_errors = search_block_scales_with_errors(w, global_scale, "max", used)[1]
+    return scales, weight_squared_error(w, global_scale, scales), max_errors, used
 
 
 def block_search(method: str, backend: str = "auto"):

@@ -48,6 +48,7 @@ import triton.language as tl
 
 from moequant.formats.mse import METHODS
 from moequant.formats.nvfp4 import BLOCK_SIZE, MIN_GLOBAL_SCALE
+from moequant.formats.weighted_mse import check_channel_weights
 
 BLOCK_B = 32  # NVFP4 blocks per program (one per lane): one warp, so loop counts are per-warp maxima
 NUM_WARPS = 1
@@ -140,10 +141,24 @@ def _block_error(xs, s):
 
 
 @triton.jit
-def _try(xs, gs, k, valid, best_err, best_k):
+def _weighted_block_error(xs, hs, s):
+    """``formats.weighted_mse`` block error: index-order sum of fl(fl(d * d) * h) (d as in ``_block_error``)."""
+    t1, t2, t3, t4, t5, t6, t7 = _thresholds(s)
+    acc = _sq_err(xs[0], t1, t2, t3, t4, t5, t6, t7, s) * hs[0]
+    for j in tl.static_range(1, 16):
+        acc = acc + _sq_err(xs[j], t1, t2, t3, t4, t5, t6, t7, s) * hs[j]
+    return tl.where(s == float("inf"), float("inf"), acc)  # reference: NaN, never chosen
+
+
+@triton.jit
+def _try(xs, hs, gs, k, valid, best_err, best_k, WEIGHTED: tl.constexpr):
     """Evaluate candidate ``k`` where ``valid`` and merge: lower error wins, then the lower index."""
     s = _cand_value(tl.minimum(tl.maximum(k, 0), 125)) * gs
-    err = _block_error(xs, s)
+    if WEIGHTED:  # a zero weight times an overflowed square is NaN: as the reference, it never wins
+        err = _weighted_block_error(xs, hs, s)
+        err = tl.where(err == err, err, float("inf"))
+    else:
+        err = _block_error(xs, s)
     better = valid & ((err < best_err) | ((err == best_err) & (k < best_k)))
     return tl.where(better, err, best_err), tl.where(better, k, best_k)
 
@@ -178,8 +193,13 @@ def _below_seven(amax, gs, k_a):
 
 
 @triton.jit
-def _mse_search(xs, live, gs, amax, LOW: tl.constexpr):
-    """Best candidate index per block (exact argmin, ties to the lower index) over the provable window."""
+def _mse_search(xs, hs, hstar, live, gs, amax, LOW: tl.constexpr, WEIGHTED: tl.constexpr):
+    """Best candidate index per block (exact argmin, ties to the lower index) over the provable window.
+
+    WEIGHTED: the error is ``formats.weighted_mse``'s (channel weights ``hs`` >= 0; ``hstar`` = the weight of
+    an element whose magnitude is the block amax). The window's proofs carry over term by term: the doubling
+    lemma bounds each |d| (so each fl(fl(d^2) h), h >= 0), and below kA the amax element's term alone,
+    fl(fl(fl(A - fl(6 s))^2) hstar), is a lower bound of the sum that grows as s falls."""
     k_a = _first_unsaturated(amax, gs)
     k1 = tl.maximum(_below_seven(amax, gs, k_a), 7)
     s_k1 = _cand_value(tl.minimum(k1, 125)) * gs
@@ -192,22 +212,25 @@ def _mse_search(xs, live, gs, amax, LOW: tl.constexpr):
     n = tl.max(tl.where(live, hi - lo + 1, 0), 0)
     c = 0
     while c < n:  # (a while loop: the interpreter cannot range() over a reduced tensor)
-        best_err, best_k = _try(xs, gs, lo + c, live & (lo + c <= hi), best_err, best_k)
+        best_err, best_k = _try(xs, hs, gs, lo + c, live & (lo + c <= hi), best_err, best_k, WEIGHTED)
         c += 1
-    need = _need_lower(amax, gs, lo, best_err) & live
+    need = _need_lower(amax, gs, lo, best_err, hstar) & live
     while tl.max(need.to(tl.int32), 0) > 0:
-        best_err, best_k = _try(xs, gs, lo - 1, need, best_err, best_k)
+        best_err, best_k = _try(xs, hs, gs, lo - 1, need, best_err, best_k, WEIGHTED)
         lo = tl.where(need, lo - 1, lo)
-        need = _need_lower(amax, gs, lo, best_err) & live
-    return best_k
+        need = _need_lower(amax, gs, lo, best_err, hstar) & live
+    # best_err = inf: every candidate's error is inf or NaN (the window then ran down to 0, and any larger
+    # candidate is no better by the doubling lemma): the reference keeps its initial index 0
+    return tl.where(best_err == float("inf"), 0, best_k)
 
 
 @triton.jit
-def _need_lower(amax, gs, lo, best_err):
-    """True where candidate lo-1 exists and its saturation bound fl(fl(A - fl(6 s))^2) does not exceed the best."""
+def _need_lower(amax, gs, lo, best_err, hstar):
+    """True where candidate lo-1 exists and its saturation bound fl(fl(A - fl(6 s))^2) (times the amax
+    element's channel weight ``hstar``; 1.0 unweighted, an exact multiply) does not exceed the best."""
     s = _cand_value(tl.maximum(lo - 1, 0)) * gs
     d = amax - s * 6.0
-    return (lo > 0) & ~(d * d > best_err)
+    return (lo > 0) & ~((d * d) * hstar > best_err)
 
 
 @triton.jit
@@ -250,19 +273,43 @@ def _codes_word(w_ptr, base, live, s):
 
 
 @triton.jit
-def _search_kernel(w_ptr, gs_ptr, scale_ptr, code_ptr, err_ptr, base_err_ptr, n_blocks, blocks_per_batch,
-                   IS_MSE: tl.constexpr, WRITE_CODES: tl.constexpr, WRITE_ERR: tl.constexpr,
-                   WRITE_BASE_ERR: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr):
+def _load_h(h_ptr, base, live):
+    """The 16 channel weights of each lane's block (fp32), as a tuple."""
+    p = h_ptr + base
+    return (tl.load(p + 0, mask=live, other=1.0), tl.load(p + 1, mask=live, other=1.0),
+            tl.load(p + 2, mask=live, other=1.0), tl.load(p + 3, mask=live, other=1.0),
+            tl.load(p + 4, mask=live, other=1.0), tl.load(p + 5, mask=live, other=1.0),
+            tl.load(p + 6, mask=live, other=1.0), tl.load(p + 7, mask=live, other=1.0),
+            tl.load(p + 8, mask=live, other=1.0), tl.load(p + 9, mask=live, other=1.0),
+            tl.load(p + 10, mask=live, other=1.0), tl.load(p + 11, mask=live, other=1.0),
+            tl.load(p + 12, mask=live, other=1.0), tl.load(p + 13, mask=live, other=1.0),
+            tl.load(p + 14, mask=live, other=1.0), tl.load(p + 15, mask=live, other=1.0))
+
+
+@triton.jit
+def _search_kernel(w_ptr, gs_ptr, h_ptr, scale_ptr, code_ptr, err_ptr, base_err_ptr, n_blocks, blocks_per_batch,
+                   col_blocks, h_batch_stride, IS_MSE: tl.constexpr, WEIGHTED: tl.constexpr,
+                   WRITE_CODES: tl.constexpr, WRITE_ERR: tl.constexpr, WRITE_BASE_ERR: tl.constexpr,
+                   BLOCK: tl.constexpr, LOW: tl.constexpr):
     blk = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # one NVFP4 block per lane
     live = blk < n_blocks
     base = blk.to(tl.int64) * 16
-    gs = tl.load(gs_ptr + blk // blocks_per_batch, mask=live, other=1.0)
+    batch = blk // blocks_per_batch
+    gs = tl.load(gs_ptr + batch, mask=live, other=1.0)
     xs = _load_abs(w_ptr, base, live)
     amax = xs[0]
     for j in tl.static_range(1, 16):
         amax = tl.maximum(amax, xs[j])
+    if WEIGHTED:
+        hs = _load_h(h_ptr, batch.to(tl.int64) * h_batch_stride + (blk % col_blocks).to(tl.int64) * 16, live)
+        hstar = tl.where(xs[0] == amax, hs[0], 0.0)
+        for j in tl.static_range(1, 16):
+            hstar = tl.maximum(hstar, tl.where(xs[j] == amax, hs[j], 0.0))
+    else:
+        hs = xs
+        hstar = tl.full(amax.shape, 1.0, tl.float32)
     if IS_MSE:
-        k = _mse_search(xs, live, gs, amax, LOW)
+        k = _mse_search(xs, hs, hstar, live, gs, amax, LOW, WEIGHTED)
     else:
         k = _max_index(amax, gs)
     tl.store(scale_ptr + blk, (k + 1).to(tl.uint8), mask=live)
@@ -322,6 +369,19 @@ def search_with_max_errors(w: torch.Tensor, global_scale: torch.Tensor, method: 
     return scales, errors, base if method != "max" else errors
 
 
+def search_weighted(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor, return_errors: bool = False,
+                    *, _low_margin: int = 2):
+    """Twin of ``formats.weighted_mse.search_weighted_reference`` (channel weights ``h [K]`` or ``[*B, K]``):
+    float8_e4m3fn scales ``[..., N, K/16]``, one launch. With ``return_errors``: ``(scales, errors,
+    max_errors)``, the plain (unweighted, ``weight_squared_error``) per-block errors at those scales and at
+    the "max" method's scales, from the same launch."""
+    check_channel_weights(h, w, "weight")
+    hf = h.detach().to(device=w.device, dtype=torch.float32).contiguous()
+    scales, _, errors, base = _launch(w, global_scale, "weighted_mse", False, return_errors, return_errors,
+                                      _low_margin, h=hf)
+    return (scales, errors, base) if return_errors else scales
+
+
 # Cold start: compiling a specialization takes 2-4 s (Triton to PTX, then ptxas). ``compile_in_background``
 # starts the compile of quantize's specialization on a side thread while the pipeline discovers the model and
 # runs the calibration forward; the first launch on that device waits for it instead of compiling again.
@@ -365,10 +425,10 @@ def _wait_for_compile(device: torch.device) -> None:
         raise RuntimeError(f"compiling the Triton block-scale search for {device} failed") from failure[0]
 
 
-def _launch(w, global_scale, method, return_codes, return_errors, return_base, low_margin, wait=True):
+def _launch(w, global_scale, method, return_codes, return_errors, return_base, low_margin, wait=True, h=None):
     if wait:
         _wait_for_compile(w.device)
-    gs = _check_inputs(w, global_scale, method)
+    gs = _check_inputs(w, global_scale, "mse" if method == "weighted_mse" else method)
     w_c = w.contiguous()
     n_blocks = w.numel() // BLOCK_SIZE
     blocks_per_batch = max(1, w.shape[-2] * w.shape[-1] // BLOCK_SIZE)
@@ -376,10 +436,14 @@ def _launch(w, global_scale, method, return_codes, return_errors, return_base, l
     codes = torch.empty(n_blocks if return_codes else 1, dtype=torch.int64, device=w.device)
     errors = torch.empty(n_blocks if return_errors else 1, dtype=torch.float32, device=w.device)
     base = torch.empty(n_blocks if return_base else 1, dtype=torch.float32, device=w.device)
+    weighted = h is not None
+    h_arg = h if weighted else gs  # unread unless weighted
+    h_batch_stride = (w.shape[-1] if h.ndim > 1 else 0) if weighted else 0
     if n_blocks:
         grid = (triton.cdiv(n_blocks, BLOCK_B),)
-        _search_kernel[grid](w_c, gs, scales, codes, errors, base, n_blocks, blocks_per_batch,
-                             IS_MSE=method == "mse", WRITE_CODES=return_codes, WRITE_ERR=return_errors,
+        _search_kernel[grid](w_c, gs, h_arg, scales, codes, errors, base, n_blocks, blocks_per_batch,
+                             w.shape[-1] // BLOCK_SIZE, h_batch_stride, IS_MSE=method != "max",
+                             WEIGHTED=weighted, WRITE_CODES=return_codes, WRITE_ERR=return_errors,
                              WRITE_BASE_ERR=return_base, BLOCK=BLOCK_B, LOW=low_margin, num_warps=NUM_WARPS,
                              enable_fp_fusion=False)
     out_scales = scales.view(torch.float8_e4m3fn).reshape(*w.shape[:-1], w.shape[-1] // BLOCK_SIZE)
