@@ -14,6 +14,7 @@ Weight error: sum of squared weight errors / sum of squared weights over every q
 so options are comparable).
 
     nice -n 10 python3 bench/quality.py --model moe --options max,mse,best
+    python3 bench/quality.py --model moe --device cuda          # the model on the GPU, Triton searches
 """
 
 from __future__ import annotations
@@ -54,14 +55,16 @@ def weight_error(state: QuantState) -> float:
     return err / norm
 
 
-def option_state(model, shared: QuantState, name: str) -> tuple[QuantState, float]:
+def option_state(model, shared: QuantState, name: str, backend: str = "torch") -> tuple[QuantState, float]:
     """The state of option ``name``: its own weight scales, the shared run's input scales (none for W4A16)."""
     _, weight_options = OPTIONS[name]
     start = time.perf_counter()
     if weight_options is None:
         tensors = dict(shared.tensors)
     else:
-        own = calibrate_weights(model, shared.plan, backend="torch", **weight_options)
+        own = calibrate_weights(model, shared.plan, backend=backend, **weight_options)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         tensors = {k: replace(s, input_scale=shared.tensors[k].input_scale) for k, s in own.tensors.items()}
     if name.startswith("w4a16"):
         tensors = {k: replace(s, input_scale=None) for k, s in tensors.items()}
@@ -75,29 +78,33 @@ def main() -> None:
     parser.add_argument("--options", default=",".join(OPTIONS))
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (64 for the table)")
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows (8 for the table)")
+    parser.add_argument("--device", default="cpu", help="cpu (torch backend) or cuda (Triton where it exists)")
     args = parser.parse_args()
+    backend = "torch" if args.device == "cpu" else "auto"
     CALIB["samples"] = args.samples
     model_dir = builtin_model_dir(dense=args.model == "dense")
-    print(f"# {args.model} {model_dir.name}; {platform.machine()} CPU, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}", flush=True)
-    model = load_model(model_dir)
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    print(f"# {args.model} {model_dir.name}; {where}, torch {torch.__version__}", flush=True)
+    model = load_model(model_dir).to(args.device)
     start = time.perf_counter()
     shared = quantize(model, load_recipe("nvfp4-best", calibration=CALIB), None, tokenizer=load_tokenizer(model_dir),
-                      device="cpu", backend="torch")
+                      device=args.device, backend=backend)
     stages = ", ".join(f"{k} {v:.0f}" for k, v in shared.report.stage_seconds.items())
     print(f"# shared calibration forward + best's weight search: {time.perf_counter() - start:.0f} s ({stages})")
     print("| model | option | rel. weight sq. error | KL (nats/token) | perplexity | weight search s |")
     print("|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.options.split(","):
-            state, seconds = option_state(model, shared.state, name)
+            state, seconds = option_state(model, shared.state, name, backend)
             recipe = load_recipe(OPTIONS[name][0], calibration=CALIB)
             if name.startswith("w4a16"):
                 recipe = load_recipe(recipe, activations="none")
             out = Path(tmp) / name.replace("+", "_")
             export(model, state, out, format="modelopt", overwrite=True, source_dir=model_dir, recipe=recipe)
-            ev = evaluate(model_dir, out, windows=args.windows, seq_len=512)
-            seconds = f"{seconds:.0f}" if OPTIONS[name][1] is not None else "(in shared run)"
+            ev = evaluate(model_dir, out, windows=args.windows, seq_len=512, device=args.device)
+            seconds = f"{seconds:.{0 if args.device == 'cpu' else 2}f}" if OPTIONS[name][1] is not None \
+                else "(in shared run)"
             print(f"| {args.model} | {name} | {weight_error(state):.5f} | {ev.kl_mean:.4f} | {ev.ppl_quantized:.2f} "
                   f"(original {ev.ppl_original:.2f}) | {seconds} |", flush=True)
 

@@ -151,19 +151,6 @@ def _weighted_block_error(xs, hs, s):
 
 
 @triton.jit
-def _try(xs, hs, gs, k, valid, best_err, best_k, WEIGHTED: tl.constexpr):
-    """Evaluate candidate ``k`` where ``valid`` and merge: lower error wins, then the lower index."""
-    s = _cand_value(tl.minimum(tl.maximum(k, 0), 125)) * gs
-    if WEIGHTED:  # a zero weight times an overflowed square is NaN: as the reference, it never wins
-        err = _weighted_block_error(xs, hs, s)
-        err = tl.where(err == err, err, float("inf"))
-    else:
-        err = _block_error(xs, s)
-    better = valid & ((err < best_err) | ((err == best_err) & (k < best_k)))
-    return tl.where(better, err, best_err), tl.where(better, k, best_k)
-
-
-@triton.jit
 def _first_unsaturated(amax, gs):
     """kA = min{k : 6 s_k >= amax} (exact, fp64), 126 if none."""
     lo = tl.zeros(amax.shape, dtype=tl.int32)
@@ -193,13 +180,21 @@ def _below_seven(amax, gs, k_a):
 
 
 @triton.jit
-def _mse_search(xs, hs, hstar, live, gs, amax, LOW: tl.constexpr, WEIGHTED: tl.constexpr):
-    """Best candidate index per block (exact argmin, ties to the lower index) over the provable window.
+def _mse_search(xs, hs, hstar, live, gs, amax, km, LOW: tl.constexpr, WEIGHTED: tl.constexpr):
+    """(index, its error, the error at index ``km``) per block: the exact argmin (ties to the lower index)
+    over the provable window, with ONE error evaluation site (code size is what a cold start compiles).
+
+    Candidates are visited in descending order from max(hi, km); a lane stays active while its candidate is
+    in the window [lo, hi], or at or above ``km`` (the "max" method's index, whose error is captured on the
+    way), or not excluded by the lower bound (below kA: fl(fl(A - fl(6 s_k))^2) > best, times hstar). Descending with ``<=``,
+    the lowest index among equal errors is kept, as the reference's strict ``<`` in ascending order does.
+    Candidates above hi visited to reach km cannot beat the window (doubling lemma) and lose ties.
 
     WEIGHTED: the error is ``formats.weighted_mse``'s (channel weights ``hs`` >= 0; ``hstar`` = the weight of
     an element whose magnitude is the block amax). The window's proofs carry over term by term: the doubling
     lemma bounds each |d| (so each fl(fl(d^2) h), h >= 0), and below kA the amax element's term alone,
-    fl(fl(fl(A - fl(6 s))^2) hstar), is a lower bound of the sum that grows as s falls."""
+    fl(fl(fl(A - fl(6 s))^2) hstar), is a lower bound of the sum that grows as s falls. A NaN error (a zero
+    weight times an overflowed square) counts as +inf: as in the reference, it never wins."""
     k_a = _first_unsaturated(amax, gs)
     k1 = tl.maximum(_below_seven(amax, gs, k_a), 7)
     s_k1 = _cand_value(tl.minimum(k1, 125)) * gs
@@ -209,28 +204,27 @@ def _mse_search(xs, hs, hstar, live, gs, amax, LOW: tl.constexpr, WEIGHTED: tl.c
     lo = tl.where(zero, 0, tl.maximum(tl.minimum(k_a, 125) - LOW, 0))
     best_err = tl.full(amax.shape, float("inf"), tl.float32)
     best_k = tl.full(amax.shape, _BIG, tl.int32)
-    n = tl.max(tl.where(live, hi - lo + 1, 0), 0)
-    c = 0
-    while c < n:  # (a while loop: the interpreter cannot range() over a reduced tensor)
-        best_err, best_k = _try(xs, hs, gs, lo + c, live & (lo + c <= hi), best_err, best_k, WEIGHTED)
-        c += 1
-    need = _need_lower(amax, gs, lo, best_err, hstar) & live
-    while tl.max(need.to(tl.int32), 0) > 0:
-        best_err, best_k = _try(xs, hs, gs, lo - 1, need, best_err, best_k, WEIGHTED)
-        lo = tl.where(need, lo - 1, lo)
-        need = _need_lower(amax, gs, lo, best_err, hstar) & live
-    # best_err = inf: every candidate's error is inf or NaN (the window then ran down to 0, and any larger
-    # candidate is no better by the doubling lemma): the reference keeps its initial index 0
-    return tl.where(best_err == float("inf"), 0, best_k)
-
-
-@triton.jit
-def _need_lower(amax, gs, lo, best_err, hstar):
-    """True where candidate lo-1 exists and its saturation bound fl(fl(A - fl(6 s))^2) (times the amax
-    element's channel weight ``hstar``; 1.0 unweighted, an exact multiply) does not exceed the best."""
-    s = _cand_value(tl.maximum(lo - 1, 0)) * gs
-    d = amax - s * 6.0
-    return (lo > 0) & ~((d * d) * hstar > best_err)
+    km_err = tl.full(amax.shape, float("inf"), tl.float32)
+    k = tl.maximum(hi, km)
+    active = live
+    while tl.max(active.to(tl.int32), 0) > 0:  # (a while loop: the interpreter cannot range() over a reduction)
+        s = _cand_value(tl.minimum(tl.maximum(k, 0), 125)) * gs
+        if WEIGHTED:
+            err = _weighted_block_error(xs, hs, s)
+            err = tl.where(err == err, err, float("inf"))
+        else:
+            err = _block_error(xs, s)
+        better = active & (err <= best_err)
+        best_err = tl.where(better, err, best_err)
+        best_k = tl.where(better, k, best_k)
+        km_err = tl.where(active & (k == km), err, km_err)
+        k = k - 1
+        d = amax - (_cand_value(tl.minimum(tl.maximum(k, 0), 125)) * gs) * 6.0
+        unexcluded = ~((d * d) * hstar > best_err)
+        active = live & (k >= 0) & ((k >= lo) | (k >= km) | unexcluded)
+    # best_err = inf: every candidate's error is inf or NaN (the lower bound never excluded anything, so the
+    # loop reached index 0; larger candidates are no better by the doubling lemma): the reference keeps 0
+    return tl.where(best_err == float("inf"), 0, best_k), best_err, km_err
 
 
 @triton.jit
@@ -308,18 +302,25 @@ def _search_kernel(w_ptr, gs_ptr, h_ptr, scale_ptr, code_ptr, err_ptr, base_err_
     else:
         hs = xs
         hstar = tl.full(amax.shape, 1.0, tl.float32)
+    km = _max_index(amax, gs)
     if IS_MSE:
-        k = _mse_search(xs, hs, hstar, live, gs, amax, LOW, WEIGHTED)
+        k, k_err, km_err = _mse_search(xs, hs, hstar, live, gs, amax, km, LOW, WEIGHTED)
     else:
-        k = _max_index(amax, gs)
+        k = km
     tl.store(scale_ptr + blk, (k + 1).to(tl.uint8), mask=live)
     s = _cand_value(k) * gs
     if WRITE_CODES:
         tl.store(code_ptr + blk, _codes_word(w_ptr, base, live, s), mask=live)
-    if WRITE_ERR:
-        tl.store(err_ptr + blk, _block_error(xs, s), mask=live)
-    if WRITE_BASE_ERR:  # the "max" baseline's error too, from the same loaded block (quantize's report)
-        tl.store(base_err_ptr + blk, _block_error(xs, _cand_value(_max_index(amax, gs)) * gs), mask=live)
+    if IS_MSE and not WEIGHTED:  # the search evaluated the plain error at k and at km already
+        if WRITE_ERR:
+            tl.store(err_ptr + blk, k_err, mask=live)
+        if WRITE_BASE_ERR:
+            tl.store(base_err_ptr + blk, km_err, mask=live)
+    else:
+        if WRITE_ERR:
+            tl.store(err_ptr + blk, _block_error(xs, s), mask=live)
+        if WRITE_BASE_ERR:  # the "max" baseline's error too, from the same loaded block (quantize's report)
+            tl.store(base_err_ptr + blk, _block_error(xs, _cand_value(km) * gs), mask=live)
 
 
 def _interpreting() -> bool:
