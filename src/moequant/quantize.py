@@ -93,10 +93,13 @@ def _sq_norm(w: torch.Tensor, kind: str) -> torch.Tensor:
 def _nvfp4_scales(target: Target, w, amax, shared_amax, method, backend) -> tuple[TensorScales, str]:
     gs = global_scale_from_amax(shared_amax)
     block, sq_err, sq_err_max, used = kernels.search_with_max_errors(w, gs, method, backend)
-    err = _per_expert_sum(sq_err, target.kind)
-    err_max = err if method == "max" else _per_expert_sum(sq_err_max, target.kind)
-    norm = _sq_norm(w, target.kind)
-    return TensorScales(target.key, "nvfp4", method, amax, gs, block, err, err_max, norm), used
+    return _tensor_scales(target, w, amax, gs, block, sq_err, sq_err_max, method), used
+
+
+def _tensor_scales(t: Target, w, amax, gs, block, sq_err, sq_err_max, label: str) -> TensorScales:
+    """TensorScales from per-block plain errors at the chosen scales and at "max"'s (summed per expert)."""
+    return TensorScales(t.key, "nvfp4", label, amax, gs, block, _per_expert_sum(sq_err, t.kind),
+                        _per_expert_sum(sq_err_max, t.kind), _sq_norm(w, t.kind))
 
 
 def _fp8_scales(target: Target, w, amax, shared_amax) -> TensorScales:
@@ -167,21 +170,19 @@ def _searched_scales(targets: list[Target], weights, amax, shared, options: _Opt
     """NVFP4 scales of ``targets`` with the options, one group at a time (a group shares its global scale)."""
     if options.four_over_six and options.method != "max":
         raise ValueError("four_over_six goes with method 'max' only: the exact searches already scan its candidates")
-    groups: dict[str, list[Target]] = {}
-    for t in targets:
-        groups.setdefault(t.group if t.group is not None else "target:" + t.key, []).append(t)
     if options.method == "weighted_mse" and not options.global_search:  # scales and errors in one search
         used = set()
         for t in targets:
             w = weights[t.key]
             gs = global_scale_from_amax(shared[t.key])
-            block, err, err_max, b = kernels.search_weighted_with_errors(
-                w, gs, _channel_weights_of(t, options, w.device), options.backend)
+            *found, b = kernels.search_weighted_with_errors(w, gs, _channel_weights_of(t, options, w.device),
+                                                            options.backend)
             used.add(b)
-            out[t.key] = TensorScales(t.key, "nvfp4", options.label, amax[t.key], gs, block,
-                                      _per_expert_sum(err, t.kind), _per_expert_sum(err_max, t.kind),
-                                      _sq_norm(w, t.kind))
+            out[t.key] = _tensor_scales(t, w, amax[t.key], gs, *found, options.label)
         return used
+    groups: dict[str, list[Target]] = {}
+    for t in targets:
+        groups.setdefault(t.group if t.group is not None else "target:" + t.key, []).append(t)
     search = kernels.block_search("four_over_six" if options.four_over_six else options.method, options.backend)
     for members in groups.values():
         pairs = [(weights[t.key], _channel_weights_of(t, options, weights[t.key].device)) for t in members]
@@ -206,10 +207,9 @@ def _channel_weights_of(t: Target, options: _Options, device: torch.device) -> t
 
 def _scales_at(t: Target, w, amax, gs, block, options: _Options) -> TensorScales:
     """TensorScales with plain (unweighted) errors at the chosen scales and at "max" under the same global."""
-    err = _per_expert_sum(kernels.weight_squared_error(w, gs, block), t.kind)
     _, sq_err_max, _ = kernels.search_block_scales_with_errors(w, gs, "max", options.backend)
-    return TensorScales(t.key, "nvfp4", options.label, amax, gs, block, err,
-                        _per_expert_sum(sq_err_max, t.kind), _sq_norm(w, t.kind))
+    return _tensor_scales(t, w, amax, gs, block, kernels.weight_squared_error(w, gs, block), sq_err_max,
+                          options.label)
 
 
 def _check_fp8(target: Target, w: torch.Tensor) -> None:
