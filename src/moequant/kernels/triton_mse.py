@@ -131,23 +131,19 @@ def _load_abs(w_ptr, base, live):
 
 
 @triton.jit
-def _block_error(xs, s):
-    """Reference block error of magnitudes ``xs`` at scale ``s``; elements summed in index order."""
+def _block_error(xs, hs, s, WEIGHTED: tl.constexpr):
+    """Reference block error of magnitudes ``xs`` at scale ``s``, elements summed in index order: fl((a - fl(g s))^2)
+    per element, or with WEIGHTED ``formats.weighted_mse``'s fl(fl(d * d) * h) for channel weights ``hs``."""
     t1, t2, t3, t4, t5, t6, t7 = _thresholds(s)
     acc = _sq_err(xs[0], t1, t2, t3, t4, t5, t6, t7, s)
+    if WEIGHTED:
+        acc = acc * hs[0]
     for j in tl.static_range(1, 16):
-        acc = acc + _sq_err(xs[j], t1, t2, t3, t4, t5, t6, t7, s)
+        term = _sq_err(xs[j], t1, t2, t3, t4, t5, t6, t7, s)
+        if WEIGHTED:
+            term = term * hs[j]
+        acc = acc + term
     return tl.where(s == float("inf"), float("inf"), acc)  # reference: 0 * inf = NaN, never chosen
-
-
-@triton.jit
-def _weighted_block_error(xs, hs, s):
-    """``formats.weighted_mse`` block error: index-order sum of fl(fl(d * d) * h) (d as in ``_block_error``)."""
-    t1, t2, t3, t4, t5, t6, t7 = _thresholds(s)
-    acc = _sq_err(xs[0], t1, t2, t3, t4, t5, t6, t7, s) * hs[0]
-    for j in tl.static_range(1, 16):
-        acc = acc + _sq_err(xs[j], t1, t2, t3, t4, t5, t6, t7, s) * hs[j]
-    return tl.where(s == float("inf"), float("inf"), acc)  # reference: NaN, never chosen
 
 
 @triton.jit
@@ -209,11 +205,9 @@ def _mse_search(xs, hs, hstar, live, gs, amax, km, LOW: tl.constexpr, WEIGHTED: 
     active = live
     while tl.max(active.to(tl.int32), 0) > 0:  # (a while loop: the interpreter cannot range() over a reduction)
         s = _cand_value(tl.minimum(tl.maximum(k, 0), 125)) * gs
+        err = _block_error(xs, hs, s, WEIGHTED)
         if WEIGHTED:
-            err = _weighted_block_error(xs, hs, s)
             err = tl.where(err == err, err, float("inf"))
-        else:
-            err = _block_error(xs, s)
         better = active & (err <= best_err)
         best_err = tl.where(better, err, best_err)
         best_k = tl.where(better, k, best_k)
@@ -318,9 +312,9 @@ def _search_kernel(w_ptr, gs_ptr, h_ptr, scale_ptr, code_ptr, err_ptr, base_err_
             tl.store(base_err_ptr + blk, km_err, mask=live)
     else:
         if WRITE_ERR:
-            tl.store(err_ptr + blk, _block_error(xs, s), mask=live)
+            tl.store(err_ptr + blk, _block_error(xs, xs, s, False), mask=live)
         if WRITE_BASE_ERR:  # the "max" baseline's error too, from the same loaded block (quantize's report)
-            tl.store(base_err_ptr + blk, _block_error(xs, _cand_value(km) * gs), mask=live)
+            tl.store(base_err_ptr + blk, _block_error(xs, xs, _cand_value(km) * gs, False), mask=live)
 
 
 def _interpreting() -> bool:
