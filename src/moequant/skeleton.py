@@ -51,11 +51,15 @@ def meta_model(model_dir: Path, source: SafetensorsSource) -> nn.Module:
 
 
 def _index(shape: tuple[int, ...], offset: float) -> torch.Tensor:
-    rows = shape[:-1] + (1,) if len(shape) >= 2 else shape
+    """Row ids ``offset + r`` of a tensor viewed as ``[-1, K]``: ``[..., 2]`` pairs (r, r + 0.5) for 2-D and up,
+    so that a conversion that squeezes size-1 dims (transformers 5.17 unbinds experts to 1-D rows) cannot hide
+    a transposition; 1-D tensors (rows of width 1) are plain ids."""
+    rows = shape[:-1] if len(shape) >= 2 else shape
     n = 1
     for d in rows:
         n *= d
-    return (torch.arange(n, dtype=torch.float64) + offset).reshape(rows)
+    ids = torch.arange(n, dtype=torch.float64) + offset
+    return torch.stack([ids, ids + 0.5], dim=-1).reshape(rows + (2,)) if len(shape) >= 2 else ids.reshape(rows)
 
 
 def loadable_keys(model: nn.Module, prefix: str, exclude_prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -72,18 +76,20 @@ def disk_sources(model: nn.Module, metas: dict[str, torch.Tensor]) -> dict[str, 
     index, spans, offset = {}, {}, 0.0
     for key, meta in metas.items():
         index[key] = _index(tuple(meta.shape), offset)
-        spans[key] = (offset, offset + index[key].numel())
-        offset += index[key].numel()
+        rows = index[key].numel() // (2 if meta.ndim >= 2 else 1)
+        spans[key] = (offset, offset + rows)
+        offset += rows
     out: dict[str, list] = {k: [] for k in metas}
     for name, t in revert_weight_conversion(model, dict(index)).items():
         if t.numel() == 0:
             continue
         first = float(t.reshape(-1)[0])
         key = next(k for k, (lo, hi) in spans.items() if lo <= first < hi)
-        shape = tuple(metas[key].shape)
-        if len(shape) >= 2 and t.shape[-1] != 1:
-            raise UnsupportedModelError(f"{key}: transformers stores it on disk as {name} with another input "
-                                        "dimension (transposed); streaming cannot load it: use --no-stream")
+        if metas[key].ndim >= 2:
+            if t.shape[-1] != 2 or not bool((t[..., 1] - t[..., 0] == 0.5).all()):
+                raise UnsupportedModelError(f"{key}: transformers stores it on disk as {name} with another input "
+                                            "dimension (transposed); streaming cannot load it: use --no-stream")
+            t = t[..., 0]
         out[key].append((name, (t.reshape(-1) - spans[key][0]).to(torch.int64)))
     return out
 
