@@ -122,7 +122,9 @@ def _verify(ckpt: Checkpoint, path, reference, result: VerifyResult) -> VerifyRe
     _check_values(ckpt, spec, inv, result, errors)
     checks.check_fused_groups(ckpt, spec, inv, result)
     checks.check_experts(inv, expected_experts(config), result)
-    checks.check_exclude_list(spec, inv, result)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings")) is True
+    checks.check_exclude_list(spec, inv, result, tied_lm_head=tied)
     checks.check_kv(ckpt, spec, inv, result)
     if errors is not None:
         check_unquantized(ckpt, errors.reference, set(inv.quantized), result)

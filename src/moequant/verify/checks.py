@@ -267,8 +267,9 @@ def _matches(spec: FormatSpec, entry: str, module: str) -> bool:
     return entry == module or (spec.format == "modelopt" and fnmatch(module, entry))
 
 
-def check_exclude_list(spec: FormatSpec, inv: Inventory, result: VerifyResult) -> None:
-    """The exclude/ignore list names exactly the unquantized linears (and never a quantized one)."""
+def check_exclude_list(spec: FormatSpec, inv: Inventory, result: VerifyResult, tied_lm_head: bool = False) -> None:
+    """The exclude/ignore list names exactly the unquantized linears (and never a quantized one). An entry that
+    names no tensor is a warning, except the lm_head of a model with tied word embeddings (never stored)."""
     for module in inv.unquantized_linear:
         if not any(_matches(spec, e, module) for e in spec.exclude):
             result.fail("exclude_list", module, "unquantized linear not in the exclude/ignore list: engines would "
@@ -281,7 +282,7 @@ def check_exclude_list(spec: FormatSpec, inv: Inventory, result: VerifyResult) -
                         "matches substrings): it would be loaded as unquantized")
     for entry in spec.exclude:
         plain = not entry.startswith("re:") and not any(c in entry for c in "*?[")
-        if plain and entry not in inv.modules:  # e.g. a tied lm_head, whose weight is not stored
+        if plain and entry not in inv.modules and not (tied_lm_head and entry.rsplit(".", 1)[-1] == "lm_head"):
             result.warnings.append(f"exclude entry {entry!r} names no tensor of the checkpoint")
 
 
