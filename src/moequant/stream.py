@@ -62,7 +62,6 @@ from moequant.pipeline import (
     _start,
 )
 from moequant.plan import Target
-from moequant.calibrate import CalibrationError
 from moequant.recipe import Recipe, load_recipe
 from moequant.report import tensor_bytes, weight_errors
 from moequant.safetensors_source import SafetensorsSource
@@ -104,10 +103,6 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
     model_dir, out_dir, recipe = Path(model_dir), Path(out_dir).absolute(), load_recipe(recipe)
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    if recipe.needs_channel_stats:
-        raise CalibrationError(
-            f"recipe {recipe.name!r} weights its block search by activation statistics, which the streamed "
-            "path does not collect before the weight search yet; run it with --no-stream")
     _check_target(out_dir, overwrite)
     source = SafetensorsSource(model_dir)
     ranks = Ranks.current()

@@ -89,9 +89,3 @@ def test_cuda_requested_without_cuda(model_dir, tmp_path, capsys):
 def test_debug_shows_traceback(tmp_path):
     with pytest.raises(Exception, match="not a directory"):
         main(["--debug", "quantize", str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
-
-
-def test_weighted_recipe_while_streaming_says_no_stream(model_dir, tmp_path, capsys):
-    err = _run_error(["quantize", str(model_dir("mixtral")), "-o", str(tmp_path / "out"), "--recipe", "nvfp4-best",
-                      *FAST], capsys, tmp_path / "out")
-    assert "--no-stream" in err

@@ -26,6 +26,7 @@ def in_memory(src: Path, out: Path, recipe, fmt: str, max_shard_bytes: int = 5 *
 
 @pytest.mark.parametrize("family,recipe,fmt", [
     ("qwen3_moe", "nvfp4-mse", "modelopt"),
+    ("qwen3_moe", "nvfp4-best", "compressed-tensors"),   # channel statistics observed before each layer's search
     ("mixtral", "nvfp4", "compressed-tensors"),
     ("deepseek_v3", "nvfp4-experts-only", "modelopt"),
     ("llama", "fp8", "modelopt"),
@@ -43,3 +44,16 @@ def test_streamed_equals_in_memory(model_dir, tmp_path, family, recipe, fmt):
         assert mem[name] == streamed[name], name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem", "stream"]   # journal removed
     assert all(s.block_scale is None for s in result.state.tensors.values())   # block scales live on disk
+
+
+def test_streamed_weighted_search_with_dead_experts_equals_in_memory(model_dir, tmp_path):
+    """nvfp4-best streamed: under-covered experts take the layer's channel statistics, as in memory."""
+    src = model_dir("qwen3_moe", dead_experts=True)
+    rec = load_recipe("nvfp4-best", **CALIB)
+    in_memory(src, tmp_path / "mem", rec, "modelopt")
+    result = quantize_streamed(src, tmp_path / "stream", rec, "modelopt", tokenizer=load_tokenizer(src))
+    assert result.report.under_covered, "the model should have under-covered experts"
+    mem, streamed = files_bytes(tmp_path / "mem"), files_bytes(tmp_path / "stream")
+    assert sorted(mem) == sorted(streamed)
+    for name in mem:
+        assert mem[name] == streamed[name], name
