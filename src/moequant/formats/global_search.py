@@ -27,7 +27,8 @@ import torch
 
 from moequant.formats.four_over_six import four_over_six_block_scales
 from moequant.formats.mse import mse_block_scales_reference
-from moequant.formats.nvfp4 import MIN_GLOBAL_SCALE, block_squared_error, effective_scale, max_block_scales, to_blocks
+from moequant.formats.nvfp4 import (MIN_GLOBAL_SCALE, block_squared_error, check_finite, effective_scale, max_block_scales,
+                                     to_blocks)
 from moequant.formats.weighted_mse import channel_blocks, weighted_block_error, weighted_mse_block_scales_reference
 
 GLOBAL_FACTORS = tuple(2.0 ** (i / 8) for i in (0, -1, 1, 2, 3, 4, 5, 6))
@@ -76,6 +77,7 @@ def search_global(members: list[tuple[torch.Tensor, torch.Tensor | None]], base_
 def reference_block_search(method: str) -> BlockSearch:
     """The reference ``BlockSearch`` of a method: "max", "mse", "weighted_mse" or "four_over_six"."""
     def run(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None):
+        check_finite(w, "weight")
         blocks = to_blocks(w)
         hb = channel_blocks(h, w) if h is not None else None
         if method == "weighted_mse":

@@ -20,6 +20,7 @@ import torch
 from moequant.formats.fp8 import e4m3_positive_values
 from moequant.formats.nvfp4 import (
     block_squared_error,
+    check_finite,
     expand_global,
     max_block_scales,
     to_blocks,
@@ -45,6 +46,7 @@ def mse_block_scales_reference(blocks: torch.Tensor, global_scale: torch.Tensor)
 
 def search_block_scales_reference(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse") -> torch.Tensor:
     """Block scales (float8_e4m3fn ``[..., N, K/16]``) of ``w [..., N, K]`` by ``method`` ("max" or "mse")."""
+    check_finite(w, "weight")
     blocks = to_blocks(w)
     if method == "max":
         return max_block_scales(blocks, global_scale)

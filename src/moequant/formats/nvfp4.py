@@ -65,6 +65,15 @@ def check_weight(w: torch.Tensor, name: str) -> None:
         )
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise WeightError(f"{name}: unsupported dtype {w.dtype}; expected float32, bfloat16 or float16")
+    low, high = _finite_range(w, name)
+    amax = max(-low, high)  # = max |w|
+    if amax > MAX_ABS:
+        raise WeightError(f"{name}: magnitude {amax:.3g} exceeds {MAX_ABS:.0e}; such weights are almost surely "
+                          "corrupt (and overflow the float32 error arithmetic): fix the checkpoint")
+
+
+def _finite_range(w: torch.Tensor, name: str) -> tuple[float, float]:
+    """(min, max) of ``w``; ``WeightError`` naming ``name`` and the first bad index if any value is NaN or inf."""
     # min and max propagate NaN and inf: one reduction, no full-size temporary (isfinite and abs of a bf16
     # weight allocate 2.5x its size); the full check runs only to describe a bad weight
     low, high = torch.stack(torch.aminmax(w)).tolist() if w.numel() else (0.0, 0.0)
@@ -76,10 +85,13 @@ def check_weight(w: torch.Tensor, name: str) -> None:
             f"{name}: {count} non-finite value(s) (NaN or inf), first at index {bad}; the checkpoint is "
             "corrupt or was saved after a diverged step: fix the weights before quantizing"
         )
-    amax = max(-low, high)  # = max |w|
-    if amax > MAX_ABS:
-        raise WeightError(f"{name}: magnitude {amax:.3g} exceeds {MAX_ABS:.0e}; such weights are almost surely "
-                          "corrupt (and overflow the float32 error arithmetic): fix the checkpoint")
+    return low, high
+
+
+def check_finite(w: torch.Tensor, name: str) -> None:
+    """Raise ``WeightError`` naming ``name`` if ``w`` holds NaN or inf (the searches' own guard; ``check_weight``
+    also bounds the magnitude and the shape, for the pipeline)."""
+    _finite_range(w, name)
 
 
 def to_blocks(w: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ from moequant.formats.nvfp4 import (
     BLOCK_SIZE,
     E2M1_MAX,
     block_squared_error,
+    check_finite,
     expand_global,
 )
 
@@ -363,6 +364,7 @@ def _search(w: torch.Tensor, global_scale: torch.Tensor, method: str, want_error
     """(E4M3 scales ``[..., N, K/16]``, fp32 errors at them or None, mean candidates evaluated per block)."""
     if method not in METHODS:
         raise ValueError(f"unknown block-scale method {method!r}; expected one of {METHODS}")
+    check_finite(w, "weight")  # NaN / inf: a clear WeightError, not an index error inside
     w = w.detach()  # worker threads do not inherit the caller's no_grad mode
     flat, global_f32, out_shape = _batched_blocks(w, global_scale)  # [batch, nb, 16], [batch]
     out = torch.empty(flat.shape[:2], dtype=torch.uint8, device=w.device)  # [batch, nb] E4M3 bits
@@ -419,6 +421,7 @@ def search_block_scales(w: torch.Tensor, global_scale: torch.Tensor, method: str
 
 def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
     """Twin of ``nvfp4.weight_squared_error``: per-block fp32 squared error ``[..., N, K/16]``, same bits."""
+    check_finite(w, "weight")
     w = w.detach()  # worker threads do not inherit the caller's no_grad mode
     flat, global_f32, out_shape = _batched_blocks(w, global_scale)  # [batch, nb, 16], [batch]
     block_f32 = block_scale.to(torch.float32).reshape(flat.shape[:2])  # [batch, nb]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from moequant.formats.fp8 import E4M3_MIN_SUBNORMAL, e4m3_positive_values, round_to_e4m3
-from moequant.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, expand_global
+from moequant.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, check_finite, expand_global
 from moequant.formats.weighted_mse import check_channel_weights, weighted_mse_block_scales_reference
 from moequant.kernels.torch_mse import _cpu_workers, e2m1_magnitude_f32
 
@@ -125,6 +125,7 @@ def _search_chunk(wb, hb, global_f32, table):
 
 def search_weighted(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Twin of ``formats.weighted_mse.search_weighted_reference``: float8_e4m3fn ``[..., N, K/16]``."""
+    check_finite(w, "weight")
     check_channel_weights(h, w, "weight")
     w = w.detach()
     blocks = w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)  # [*B, N, K/16, 16]

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from moequant.formats.mse import METHODS
-from moequant.formats.nvfp4 import BLOCK_SIZE, MIN_GLOBAL_SCALE
+from moequant.formats.nvfp4 import BLOCK_SIZE, MIN_GLOBAL_SCALE, check_finite
 from moequant.formats.weighted_mse import check_channel_weights
 
 BLOCK_B = 32  # NVFP4 blocks per program (one per lane): one warp, so loop counts are per-warp maxima
@@ -329,6 +329,7 @@ def _check_inputs(w: torch.Tensor, global_scale: torch.Tensor, method: str) -> t
         raise ValueError(f"triton_mse needs a CUDA tensor, got one on {w.device}")
     if w.ndim < 2 or w.shape[-1] % BLOCK_SIZE or w.dtype not in _DTYPES:
         raise ValueError(f"expected w [..., N, K] with K % 16 == 0 in {_DTYPES}, got {tuple(w.shape)} {w.dtype}")
+    check_finite(w, "weight")  # NaN / inf, as the torch twin and the reference
     gs = torch.as_tensor(global_scale, dtype=torch.float32, device=w.device)
     batch = w.shape[:-2]
     if gs.numel() == 1:
