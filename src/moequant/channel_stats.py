@@ -31,10 +31,23 @@ FLOOR = 1e-3
 class _Sums:
     sq: torch.Tensor      # float64 [K] or [E, K]
     count: torch.Tensor   # int64 [] or [E]
+    parts: list | None = None  # under torch.distributed: each call's float64 sum, folded later in batch order
 
     def add(self, sq: torch.Tensor, count) -> None:
-        self.sq += sq.detach().to(device="cpu", dtype=torch.float64)
+        sq = sq.detach().to(device="cpu", dtype=torch.float64)
+        if self.parts is not None:
+            self.parts.append(sq)
+        else:
+            self.sq += sq
         self.count += torch.as_tensor(count).cpu()
+
+    def fold(self, parts: list[torch.Tensor], count: torch.Tensor) -> None:
+        """Set the sums from calls given in one process's order: ``((0 + p0) + p1) + ...``, the same float64
+        additions one process makes, so the result is bit-identical to it."""
+        sq = torch.zeros_like(self.sq)
+        for p in parts:
+            sq += p
+        self.sq, self.count, self.parts = sq, count, None
 
 
 @dataclass
@@ -43,16 +56,21 @@ class ChannelStats:
     hidden: dict[str, _Sums] = field(default_factory=dict)        # container path -> [H], every token
     gate_up: dict[str, _Sums] = field(default_factory=dict)       # container path -> [E, H], routed
     down: dict[str, _Sums] = field(default_factory=dict)          # container path -> [E, I], routed
+    record_parts: bool = False  # distributed: keep each call's sum (``_Sums.parts``) until the ranks fold them
 
+    def zeros(self, *shape) -> _Sums:
+        count = torch.zeros(shape[:-1], dtype=torch.int64)
+        return _Sums(torch.zeros(shape, dtype=torch.float64), count, [] if self.record_parts else None)
 
-def _zeros(*shape) -> _Sums:
-    count = torch.zeros(shape[:-1], dtype=torch.int64)
-    return _Sums(torch.zeros(shape, dtype=torch.float64), count)
+    def under(self, prefix: str) -> list[tuple[str, str, _Sums]]:
+        """(kind, key, sums) of every statistic whose key starts with ``prefix``, in a fixed order."""
+        return [(kind, key, sums) for kind in ("linear", "hidden", "gate_up", "down")
+                for key, sums in sorted(getattr(self, kind).items()) if key.startswith(prefix)]
 
 
 def observe_linear(cs: ChannelStats, key: str, x: torch.Tensor) -> None:
     x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-    cs.linear.setdefault(key, _zeros(x.shape[-1])).add(x.square().sum(0), x.shape[0])
+    cs.linear.setdefault(key, cs.zeros(x.shape[-1])).add(x.square().sum(0), x.shape[0])
 
 
 def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, index: torch.Tensor | None,
@@ -69,12 +87,12 @@ def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, inde
         valid = (expert >= 0) & (expert < e_count)
         expert, token = expert[valid], token[valid]
     x64 = x.to(torch.float64)
-    cs.hidden.setdefault(c.path, _zeros(hidden)).add(x64.square().sum(0), x.shape[0])
+    cs.hidden.setdefault(c.path, cs.zeros(hidden)).add(x64.square().sum(0), x.shape[0])
     counts = torch.bincount(expert, minlength=e_count)
     sq = torch.zeros(e_count, hidden, dtype=torch.float64, device=x.device).index_add_(0, expert, x64[token].square())
-    cs.gate_up.setdefault(c.path, _zeros(e_count, hidden)).add(sq, counts)
+    cs.gate_up.setdefault(c.path, cs.zeros(e_count, hidden)).add(sq, counts)
     if want_down:
-        cs.down.setdefault(c.path, _zeros(e_count, c.intermediate)).add(_gated_sq(c, x, token, expert), counts)
+        cs.down.setdefault(c.path, cs.zeros(e_count, c.intermediate)).add(_gated_sq(c, x, token, expert), counts)
 
 
 def _gated_sq(c: ExpertsContainer, x, token, expert) -> torch.Tensor:

@@ -11,8 +11,10 @@ Every rank streams every decoder layer. Per layer:
     MAX, routed-token counts and token totals with SUM; the targeted coverage pass of under-covered experts then
     runs on each rank's tokens and its amax is reduced with MAX again.
 A max and an integer sum are exact whatever the order, so the scales equal one process's, bit for bit. Rank 0
-alone journals, exports and writes. Not supported yet: ``weighted_mse`` recipes (their channel statistics are
-not reduced) -- refused.
+alone journals, exports and writes. ``weighted_mse``'s channel statistics are float64 sums, whose value depends
+on the order of the additions: each rank keeps every forward call's sum apart, the ranks exchange them
+(``all_gather_object``) and every rank adds them in one process's batch order, so the sums are bit-identical
+too (memory: the layer's per-batch sums, [E, H] + [E, I] float64 per experts container and batch).
 """
 
 from __future__ import annotations
@@ -46,14 +48,13 @@ class Ranks:
         return self.rank == 0
 
     def check(self, recipe) -> None:
-        if getattr(recipe, "needs_channel_stats", False):
-            raise CalibrationError(f"recipe {recipe.name!r} (weighted_mse) is not supported under torch.distributed "
-                                   "yet: run it in one process")
+        """Recipes the distributed path cannot run (none left; kept as the single place to refuse one)."""
 
     def my_batches(self, batches: list) -> list:
         if batches and len(batches) < self.world:
             raise CalibrationError(f"{len(batches)} calibration batches for {self.world} processes: every process "
                                    "needs one; use more samples or fewer processes")
+        self.batches = len(batches)
         return batches[self.rank::self.world]
 
     def broadcast(self, obj):
@@ -112,6 +113,26 @@ class Ranks:
             obs.total_tokens = int(self._reduce(torch.tensor(obs.total_tokens, dtype=torch.int64), sm))
         for path in sorted(p for p in stats.kv_amax if p.startswith(prefix)):
             stats.kv_amax[path] = [self._reduce(a, mx) for a in stats.kv_amax[path]]
+        if stats.channels is not None:
+            self._fold_channel_sums(stats.channels, prefix)
+
+    def _fold_channel_sums(self, channels, prefix: str) -> None:
+        """Every rank's per-call channel sums, added in one process's order (batch b ran on rank b % world as
+        that rank's call b // world; each batch makes the same number of calls to a module)."""
+        mine = [(kind, key, sums.parts, sums.count) for kind, key, sums in channels.under(prefix)]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        for i, (kind, key, sums) in enumerate(channels.under(prefix)):
+            per_rank = [g[i][2] for g in gathered]
+            if any(g[i][:2] != (kind, key) for g in gathered):
+                raise CalibrationError(f"{key}: the ranks observed different modules; cannot combine their statistics")
+            calls, rem = divmod(sum(len(p) for p in per_rank), self.batches)
+            if rem or any(len(p) != calls * len(range(r, self.batches, self.world)) for r, p in enumerate(per_rank)):
+                raise CalibrationError(f"{key}: {[len(p) for p in per_rank]} observed calls on the ranks for "
+                                       f"{self.batches} batches; cannot restore one process's order")
+            ordered = [p for b in range(self.batches)
+                       for p in per_rank[b % self.world][(b // self.world) * calls:(b // self.world + 1) * calls]]
+            sums.fold(ordered, sum((g[i][3] for g in gathered), torch.zeros_like(sums.count)))
 
     def reduce_expert_amax(self, run, prefix: str) -> None:
         """MAX of the per-expert input amax after the coverage pass (which ran on each rank's own tokens)."""

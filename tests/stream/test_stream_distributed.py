@@ -9,11 +9,12 @@ import torch.multiprocessing as mp
 from dist_worker import rank_main, run
 
 
-def test_two_gloo_processes_equal_one(model_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["nvfp4-mse", "nvfp4-best"])   # best: float64 channel sums, folded in order
+def test_two_gloo_processes_equal_one(model_dir, tmp_path, recipe):
     src = model_dir("qwen3_moe", dead_experts=True)   # under-covered experts: the coverage pass is reduced too
-    mp.spawn(rank_main, args=(2, str(tmp_path / "rendezvous"), str(src), str(tmp_path / "two")), nprocs=2,
-             join=True)
-    run(str(src), str(tmp_path / "one"))
+    mp.spawn(rank_main, args=(2, str(tmp_path / "rendezvous"), str(src), str(tmp_path / "two"), "gloo", 2, recipe),
+             nprocs=2, join=True)
+    run(str(src), str(tmp_path / "one"), recipe=recipe)
     one = {p.name: p.read_bytes() for p in sorted(Path(tmp_path / "one").iterdir())}
     two = {p.name: p.read_bytes() for p in sorted(Path(tmp_path / "two").iterdir())}
     assert sorted(one) == sorted(two)
