@@ -47,9 +47,6 @@ class Ranks:
     def writer(self) -> bool:
         return self.rank == 0
 
-    def check(self, recipe) -> None:
-        """Recipes the distributed path cannot run (none left; kept as the single place to refuse one)."""
-
     def my_batches(self, batches: list) -> list:
         if batches and len(batches) < self.world:
             raise CalibrationError(f"{len(batches)} calibration batches for {self.world} processes: every process "

@@ -106,13 +106,11 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
     _check_target(out_dir, overwrite)
     source = SafetensorsSource(model_dir)
     ranks = Ranks.current()
-    if ranks is not None:
-        ranks.check(recipe)
-        if not ranks.writer:   # the other ranks compute and send; they write nothing
-            with torch.no_grad():
-                _calibrate_and_journal(model_dir, source, None, recipe, fmt, calib, tokenizer, device, batch_size,
-                                       backend, progress, ranks)
-            return None
+    if ranks is not None and not ranks.writer:   # the other ranks compute and send; they write nothing
+        with torch.no_grad():
+            _calibrate_and_journal(model_dir, source, None, recipe, fmt, calib, tokenizer, device, batch_size,
+                                   backend, progress, ranks)
+        return None
     print_ = fingerprint(model_dir, source.files(), recipe.to_dict(), calib, fmt)
     journal = Journal(partial_dir(out_dir), print_, overwrite)
     keep = False
