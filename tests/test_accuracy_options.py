@@ -88,3 +88,15 @@ def test_searched_global_scales_export_and_verify(model, tmp_path):
     out = export(model, result.state, tmp_path / "ckpt", format="modelopt", recipe=rec)
     checked = verify(out)
     assert checked.ok
+
+
+def test_in_memory_weighted_search_ignores_a_process_group(model, monkeypatch):
+    """quantize() never folds ranks' statistics (only the streamed path does), so a torch.distributed group
+    that happens to be up (e.g. a user's torchrun script) must not change what it observes."""
+    alone = _run(model, "nvfp4-best")
+    import moequant.distributed as distributed
+
+    monkeypatch.setattr(distributed.Ranks, "current", classmethod(lambda cls: object()))
+    inside = _run(model, "nvfp4-best")
+    for key, s in alone.state.tensors.items():
+        assert torch.equal(s.block_scale.view(torch.uint8), inside.state.tensors[key].block_scale.view(torch.uint8)), key

@@ -177,9 +177,7 @@ def _start(model, recipe: Recipe, device, backend: str, progress: bool, sequenti
             "by layer; exclude them in the recipe or use sequential=False")
     report.groups = list(plan.groups)
     if recipe.needs_channel_stats:
-        from moequant.distributed import Ranks
-
-        run.stats.channels = ChannelStats(record_parts=Ranks.current() is not None)
+        run.stats.channels = ChannelStats()
     return run
 
 

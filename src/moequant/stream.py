@@ -141,6 +141,8 @@ def _calibrate_and_journal(model_dir, source, journal, recipe, fmt, calib, token
     load_into(model, source, "", exclude_prefix=layers_path + ".")
     with zero_layers_on_the_fly(model, layers, layers_path):
         run = _start(model, recipe, device if device is not None else "cpu", backend, progress, True)
+        if ranks is not None and run.stats.channels is not None:
+            run.stats.channels.record_parts = True  # the ranks fold them per layer (Ranks.reduce_observations)
         outside = [t.key for t in run.plan.targets if t.layer is None]
         if outside:
             raise ExportError(f"{outside[0]}: a target outside the decoder layers; streaming quantizes layer by "
