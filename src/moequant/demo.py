@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -144,15 +145,11 @@ def upcycle(dense) -> "torch.nn.Module":
 def _save(model, tokenizer, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / BUILD_FILE).write_text(json.dumps({"build": BUILD, "source": GGUF_NAME}) + "\n")
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     tmp.replace(folder)
 

@@ -116,10 +116,10 @@ class Ranks:
     def _fold_channel_sums(self, channels, prefix: str) -> None:
         """Every rank's per-call channel sums, added in one process's order (batch b ran on rank b % world as
         that rank's call b // world; each batch makes the same number of calls to a module)."""
-        mine = [(kind, key, sums.parts, sums.count) for kind, key, sums in channels.under(prefix)]
+        entries = channels.under(prefix)
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, mine)
-        for i, (kind, key, sums) in enumerate(channels.under(prefix)):
+        dist.all_gather_object(gathered, [(kind, key, sums.parts, sums.count) for kind, key, sums in entries])
+        for i, (kind, key, sums) in enumerate(entries):
             per_rank = [g[i][2] for g in gathered]
             if any(g[i][:2] != (kind, key) for g in gathered):
                 raise CalibrationError(f"{key}: the ranks observed different modules; cannot combine their statistics")

@@ -153,11 +153,12 @@ def block_search(method: str, backend: str = "auto"):
 
     def run(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None):
         if method == "four_over_six":  # formats.four_over_six's choice, errors from the fast twins
-            six, err6, b = search_block_scales_with_errors(w, g, "max", backend)
             four = fos.divisor_block_scales(to_blocks(w), g, fos.FOUR)
             if h is None:
+                six, err6, b = search_block_scales_with_errors(w, g, "max", backend)
                 err4 = weight_squared_error(w, g, four)
-            else:
+            else:  # the plain errors of the search would be thrown away: scales only
+                six, b = search_block_scales(w, g, "max", backend)
                 err6, err4 = weighted_weight_error(w, g, six, h), weighted_weight_error(w, g, four, h)
             used.add(b)
             better = err4 < err6  # a tie keeps "max"
