@@ -97,18 +97,21 @@ def _nvfp4_scales(target: Target, w, amax, shared_amax, method, backend) -> tupl
 
 
 def _tensor_scales(t: Target, w, amax, gs, block, sq_err, sq_err_max, label: str) -> TensorScales:
-    """TensorScales from per-block plain errors at the chosen scales and at "max"'s (summed per expert)."""
+    """TensorScales from per-block plain errors at the chosen scales and at "max"'s (summed per expert), with
+    the packed codes of those scales, computed here, where the weight is (the export only writes them)."""
     return TensorScales(t.key, "nvfp4", label, amax, gs, block, _per_expert_sum(sq_err, t.kind),
-                        _per_expert_sum(sq_err_max, t.kind), _sq_norm(w, t.kind))
+                        _per_expert_sum(sq_err_max, t.kind), _sq_norm(w, t.kind),
+                        codes=kernels.pack_nvfp4(w, gs, block))
 
 
 def _fp8_scales(target: Target, w, amax, shared_amax) -> TensorScales:
     scale = fp8_tensor_scale(shared_amax)
     s = scale.reshape(-1, 1, 1) if target.kind == "experts" else scale
-    deq = dequantize_fp8_tensor(quantize_fp8_tensor(w, s), s)
+    codes = quantize_fp8_tensor(w, s)
+    deq = dequantize_fp8_tensor(codes, s)
     err = _per_expert_sum((w.to(torch.float32) - deq).square(), target.kind)
     norm = _per_expert_sum(w.to(torch.float32).square(), target.kind)
-    return TensorScales(target.key, "fp8", "max", amax, scale, None, err, err, norm)
+    return TensorScales(target.key, "fp8", "max", amax, scale, None, err, err, norm, codes=codes)
 
 
 @torch.no_grad()

@@ -21,6 +21,9 @@ class TensorScales:
     nvfp4: ``global_scale`` = weight_scale_2 (amax / 2688, group-shared), ``block_scale`` float8 [.., N, K/16].
     fp8:   ``global_scale`` = per-tensor weight scale amax / 448 (group-shared), ``block_scale`` None.
     ``input_scale`` (float32, same leading shape) is filled by activation calibration.
+    ``codes``: what the checkpoint stores for the weight, computed where the weight was searched (on the
+    compute device, in the same step): nvfp4 packed E2M1 codes uint8 ``[.., N, K/2]`` (element 2j in the low
+    nibble), fp8 float8_e4m3fn ``[.., N, K]``. Export writes them; it never quantizes.
     """
 
     key: str
@@ -33,6 +36,7 @@ class TensorScales:
     sq_error_max: torch.Tensor         # same with "max" block scales (the baseline MSE improves on)
     sq_norm: torch.Tensor              # sum of squared weights, per expert (for relative error)
     input_scale: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Record:
     global_scale: torch.Tensor          # 0-d (or [E] for a fused tensor written whole)
     block_scale: torch.Tensor | None    # [rows, K/16] (or [E, N, K/16])
     input_scale: torch.Tensor | None
+    codes: torch.Tensor | None = None   # [rows, K/2] uint8 (nvfp4) / [rows, K] float8 (fp8), a view
 
 
 def _rows(t: torch.Tensor, rows: tuple[int, int, int]) -> torch.Tensor:
@@ -60,11 +65,11 @@ def make_record(target: Target, s: DiskSlice, scales: TensorScales) -> Record:
             return None
         return x if (s.expert is None) else x[s.expert]
 
-    block = scales.block_scale
-    if block is not None:
-        block = _rows(block if s.expert is None else block[s.expert], s.rows)
-    return Record(s.name, target.key, s.expert, s.rows, s.role, pick(scales.global_scale), block,
-                  pick(scales.input_scale))
+    def rows(x):
+        return None if x is None else _rows(x if s.expert is None else x[s.expert], s.rows)
+
+    return Record(s.name, target.key, s.expert, s.rows, s.role, pick(scales.global_scale), rows(scales.block_scale),
+                  pick(scales.input_scale), rows(scales.codes))
 
 
 @dataclass(frozen=True)

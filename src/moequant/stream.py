@@ -208,8 +208,8 @@ def _replay(layer, inputs: list) -> None:
 
 
 def _light(scales: TensorScales) -> TensorScales:
-    """Scales without the block scales (those are in the exported tensors): per-target scalars and errors."""
-    return replace(scales, block_scale=None)
+    """Scales without the block scales and codes (those are in the exported tensors): per-target scalars and errors."""
+    return replace(scales, block_scale=None, codes=None)
 
 
 def _layer_kv(run: _Run, path: str) -> dict[str, KVScales]:

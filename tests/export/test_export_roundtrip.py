@@ -13,13 +13,22 @@ import torch
 
 from ckpt_factory import EXPORTABLE, SMALL_SHARD, calibrated, read_all
 from moequant.export import ExportError, export
-from moequant.export.common import slice_weight
 from moequant.formats.fp4 import decode_e2m1, pack_fp4
 from moequant.formats.fp8 import dequantize_fp8_tensor, quantize_fp8_tensor
 from moequant.formats.nvfp4 import BLOCK_SIZE, dequantize_nvfp4, quantize_nvfp4
+from moequant.quantize import canonical_weight
 from moequant.verify import iter_decoded, verify
 
 FORMATS = ("modelopt", "compressed-tensors")
+
+
+def slice_weight(model, target, rec):
+    """The ``[rows, K]`` view of the original weight that one on-disk tensor holds."""
+    w = canonical_weight(model, target)
+    if rec.expert is not None:
+        w = w[rec.expert]
+    start, stop, step = rec.rows
+    return w[start:stop:step, :]
 
 
 def _expected(model, state, fmt):

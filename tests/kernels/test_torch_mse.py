@@ -239,6 +239,26 @@ def test_quantize_pack_nvfp4_gives_the_reference_bytes():
             assert torch.equal(fast, pack_fp4(quantize_nvfp4(w, gs, block))), (seed, method)
 
 
+def test_quantize_pack_nvfp4_batched_experts_give_the_reference_bytes():
+    """[E, N, K] with one global scale per expert (the per-layer step packs a fused experts tensor in one call):
+    the reference's bytes, also with an all-zero expert, a row count that is not a multiple of the work item,
+    and one scalar global scale shared by every expert."""
+    from moequant.formats.fp4 import pack_fp4
+    from moequant.formats.nvfp4 import quantize_nvfp4
+
+    w = _student_t((5, 301, 64), 3, seed=41).to(torch.bfloat16)
+    w[2] = 0
+    gs = torch.stack([_own_global(w[e]) if e != 2 else torch.tensor(1.0) for e in range(5)])
+    for method in ("max", "mse"):
+        block = torch_mse.search_block_scales(w, gs, method)
+        assert torch.equal(torch_pack.quantize_pack_nvfp4(w, gs, block), pack_fp4(quantize_nvfp4(w, gs, block)))
+        one = gs.max()
+        block = torch_mse.search_block_scales(w, one, method)
+        assert torch.equal(torch_pack.quantize_pack_nvfp4(w, one, block), pack_fp4(quantize_nvfp4(w, one, block)))
+    with pytest.raises(ValueError, match="one global scale per leading index"):
+        torch_pack.quantize_pack_nvfp4(w, gs[:3], torch_mse.search_block_scales(w, gs, "max"))
+
+
 def test_error_loop_compiled_and_plain_python_agree(monkeypatch):
     """The error loop runs compiled by TorchScript (GIL-free) where available, else as Python: same bits."""
     w = _student_t((2, 48, 256), 3, seed=13).to(torch.bfloat16)

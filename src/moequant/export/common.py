@@ -1,8 +1,8 @@
 """What both formats share: exportability checks, unquantized tensors, excluded names, weight codes.
 
-Codes are computed here from the state's scales (``formats.nvfp4.quantize_nvfp4`` + ``formats.fp4.pack_fp4``, for 2-D
-NVFP4 slices through their byte-identical twin ``kernels.torch_pack.quantize_pack_nvfp4``,
-``formats.fp8.quantize_fp8_tensor``); no scale is re-derived at export. Names come from the plan's on-disk
+Codes are not computed here: the state carries them (``TensorScales.codes``, computed in the weight step where
+the weight was searched); export slices them per on-disk tensor and writes them. No scale is re-derived and
+nothing is quantized at export. Names come from the plan's on-disk
 slices (transformers' own save-time conversion), so experts are written per expert under their hub names
 (``...experts.{e}.gate_proj``, Mixtral ``...block_sparse_moe.experts.{e}.w1``).
 """
@@ -15,13 +15,9 @@ import torch
 from torch import nn
 
 from moequant.export.writer import ExportError, TensorSpec, natural_key
-from moequant.formats.fp4 import pack_fp4
-from moequant.formats.fp8 import quantize_fp8_tensor
-from moequant.formats.nvfp4 import BLOCK_SIZE, quantize_nvfp4
-from moequant.kernels import torch_pack
+from moequant.formats.nvfp4 import BLOCK_SIZE
 from moequant.models.disk_names import disk_slices, revert_weight_conversion
 from moequant.plan import Target
-from moequant.quantize import canonical_weight
 from moequant.state import QuantState, Record
 
 FUSED_ON_DISK_REFUSAL = (
@@ -113,6 +109,9 @@ def check_exportable(state: QuantState) -> None:
     for target in state.plan.targets:
         if target.key not in state.tensors:
             raise ExportError(f"{target.key}: in the plan but not calibrated; run calibrate_weights on this plan")
+        if state.tensors[target.key].codes is None:
+            raise ExportError(f"{target.key}: calibrated scales without codes (a state built by hand, or one whose "
+                              "codes were dropped); run calibrate_weights on this plan")
         _check_target_layout(target)
     with _one_thread():
         # one pass over each target's whole scale tensors; only a failure walks its on-disk records to name one
@@ -132,26 +131,13 @@ def check_exportable(state: QuantState) -> None:
     input_scales_present(state)
 
 
-def slice_weight(model: nn.Module, target: Target, rec: Record) -> torch.Tensor:
-    """The ``[rows, K]`` view of the original weight that one on-disk tensor holds."""
-    w = canonical_weight(model, target)
-    if rec.expert is not None:
-        w = w[rec.expert]
-    start, stop, step = rec.rows
-    return w[start:stop:step, :]
-
-
-def nvfp4_packed(model: nn.Module, target: Target, rec: Record) -> torch.Tensor:
-    """Packed FP4 codes (uint8 ``[rows, K/2]``, low nibble = even element) from the state's scales."""
-    w = slice_weight(model, target, rec)  # scales live on the CPU; the weight may be on a GPU: quantize there
-    if w.ndim == 2 and rec.global_scale.numel() == 1:  # the same bytes, without the reference's slow compares
-        return torch_pack.quantize_pack_nvfp4(w, rec.global_scale.to(w.device), rec.block_scale.to(w.device))
-    return pack_fp4(quantize_nvfp4(w, rec.global_scale.to(w.device), rec.block_scale.to(w.device)))
-
-
-def fp8_weight(model: nn.Module, target: Target, rec: Record) -> torch.Tensor:
-    w = slice_weight(model, target, rec)
-    return quantize_fp8_tensor(w, rec.global_scale.to(w.device))
+def weight_codes(rec: Record) -> torch.Tensor:
+    """What one on-disk quantized weight stores (a view of the state's codes): NVFP4 packed codes uint8
+    ``[rows, K/2]`` (low nibble = even element), FP8 float8_e4m3fn ``[rows, K]``."""
+    if rec.codes is None:
+        raise ExportError(f"{rec.name}: the state holds no codes for this tensor (a state built without "
+                          "calibrate_weights, or one whose codes were dropped); recalibrate it")
+    return rec.codes
 
 
 def packed_shape(target: Target, rec: Record) -> tuple[int, int]:

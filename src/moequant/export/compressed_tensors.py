@@ -61,7 +61,7 @@ def _nvfp4_specs(model: nn.Module, state: QuantState, name: str, rec, target) ->
     rows = common.weight_rows(target, rec)
     specs = [
         TensorSpec(f"{m}.weight_packed", common.packed_shape(target, rec), torch.uint8,
-                   lambda: common.nvfp4_packed(model, target, rec)),
+                   lambda: common.weight_codes(rec)),
         TensorSpec(f"{m}.weight_scale", (rows, common.block_cols(target)), torch.float8_e4m3fn,
                    lambda: rec.block_scale),
         common.scalar_spec(f"{m}.weight_global_scale", _inverse(rec.global_scale), (1,)),
@@ -75,7 +75,7 @@ def _fp8_specs(model: nn.Module, name: str, rec, target) -> list[TensorSpec]:
     m = common.module_name(name)
     specs = [
         TensorSpec(f"{m}.weight", (common.weight_rows(target, rec), target.shape[-1]), torch.float8_e4m3fn,
-                   lambda: common.fp8_weight(model, target, rec)),
+                   lambda: common.weight_codes(rec)),
         common.scalar_spec(f"{m}.weight_scale", rec.global_scale, (1,)),
     ]
     if rec.input_scale is not None:

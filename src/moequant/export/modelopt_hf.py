@@ -70,11 +70,11 @@ def _record_specs(model: nn.Module, state: QuantState, algo: str) -> list[Tensor
         rows = common.weight_rows(target, rec)
         if algo == "FP8":
             specs.append(TensorSpec(f"{m}.weight", (rows, target.shape[-1]), torch.float8_e4m3fn,
-                                    lambda t=target, r=rec: common.fp8_weight(model, t, r)))
+                                    lambda r=rec: common.weight_codes(r)))
             specs.append(common.scalar_spec(f"{m}.weight_scale", rec.global_scale, ()))
         else:
             specs.append(TensorSpec(f"{m}.weight", common.packed_shape(target, rec), torch.uint8,
-                                    lambda t=target, r=rec: common.nvfp4_packed(model, t, r)))
+                                    lambda r=rec: common.weight_codes(r)))
             specs.append(TensorSpec(f"{m}.weight_scale", (rows, common.block_cols(target)),
                                     torch.float8_e4m3fn, lambda r=rec: r.block_scale))
             specs.append(common.scalar_spec(f"{m}.weight_scale_2", rec.global_scale, ()))

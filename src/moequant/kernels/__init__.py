@@ -112,6 +112,15 @@ def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scal
     return torch_mse.weight_squared_error(w, global_scale, block_scale)
 
 
+def pack_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
+    """Packed FP4 codes uint8 ``[..., N, K/2]`` of ``w [..., N, K]`` under its scales, on ``w``'s device,
+    bit-identical to ``formats.fp4.pack_fp4(formats.nvfp4.quantize_nvfp4(...))`` (vectorized torch on any
+    device; one global scale per leading index, or one for all)."""
+    from moequant.kernels import torch_pack
+
+    return torch_pack.quantize_pack_nvfp4(w, global_scale, block_scale)
+
+
 def search_weighted_block_scales(
     w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor, backend: str = "auto"
 ) -> tuple[torch.Tensor, str]:

@@ -38,24 +38,34 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def quantize_pack_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
-    """``fp4.pack_fp4(nvfp4.quantize_nvfp4(w, global_scale, block_scale))`` for a 2-D ``w [N, K]`` and a
-    scalar global scale: uint8 ``[N, K/2]``, the same bytes (element 2j in the low nibble), computed with
-    arithmetic only (comparisons are the reference's slow part on CPU), over row slices on worker threads
-    each running single-threaded torch ops (see ``_cpu_workers``)."""
-    if w.ndim != 2 or w.shape[-1] % BLOCK_SIZE or global_scale.numel() != 1:
-        raise ValueError(f"expected w [N, K] with K divisible by {BLOCK_SIZE} and one global scale, got "
-                         f"{tuple(w.shape)} and {tuple(global_scale.shape)}")
+    """``fp4.pack_fp4(nvfp4.quantize_nvfp4(w, global_scale, block_scale))`` for ``w [..., N, K]`` with one global
+    scale per leading index (``[]`` for ``[N, K]``, ``[E]`` for ``[E, N, K]``, or one scalar for all): uint8
+    ``[..., N, K/2]``, the same bytes (element 2j in the low nibble), computed with arithmetic only
+    (comparisons are the reference's slow part on CPU), over row slices (on a CPU, on worker threads each
+    running single-threaded torch ops, see ``_cpu_workers``; on an accelerator, a few large launches).
+    The effective scale is ``float32(block) * global`` per row, the product ``nvfp4.effective_scale`` forms."""
+    lead = tuple(w.shape[:-2])
+    if w.ndim < 2 or w.shape[-1] % BLOCK_SIZE or global_scale.numel() not in (1, _numel(lead)):
+        raise ValueError(f"expected w [..., N, K] with K divisible by {BLOCK_SIZE} and one global scale per leading "
+                         f"index, got {tuple(w.shape)} and {tuple(global_scale.shape)}")
     w = w.detach()
-    n, k = w.shape
-    out = torch.empty((n, k // 2), dtype=torch.uint8, device=w.device)
-    gs = global_scale.to(torch.float32).reshape(())
-
+    n, k = w.shape[-2], w.shape[-1]
+    rows_total = _numel(lead) * n
+    w2 = w.reshape(rows_total, k)
+    blocks2 = block_scale.reshape(rows_total, k // BLOCK_SIZE)
+    gs = global_scale.to(device=w.device, dtype=torch.float32).reshape(-1, 1)  # [lead or 1, 1]
+    out = torch.empty((rows_total, k // 2), dtype=torch.uint8, device=w.device)
     rows = PACK_ROWS if w.device.type == "cpu" else max(PACK_ROWS, DEVICE_PACK_ELEMENTS // k)
 
+    def row_scales(start: int, stop: int) -> torch.Tensor:  # [rows, 1, 1]: the global scale of each row
+        if gs.shape[0] == 1:
+            return gs.reshape(1, 1, 1)
+        return gs[torch.arange(start, stop, device=w.device) // n].reshape(-1, 1, 1)
+
     def run(start):
-        stop = min(start + rows, n)
-        blocks = w[start:stop].to(torch.float32).reshape(stop - start, k // BLOCK_SIZE, BLOCK_SIZE)
-        scale = block_scale[start:stop].to(torch.float32).unsqueeze(-1) * gs  # nvfp4.effective_scale
+        stop = min(start + rows, rows_total)
+        blocks = w2[start:stop].to(torch.float32).reshape(stop - start, k // BLOCK_SIZE, BLOCK_SIZE)
+        scale = blocks2[start:stop].to(torch.float32).unsqueeze(-1) * row_scales(start, stop)  # effective_scale
         codes = _codes_f32_blocks(blocks, scale)
         if _LITTLE_ENDIAN:  # an int64 holds (even code) | (odd code) << 32; its low byte, once shifted, is the pair
             pairs = codes.view(torch.int64).view(stop - start, k // 2)
@@ -65,5 +75,12 @@ def quantize_pack_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale
             out[start:stop] = pairs[..., 0].bitwise_or(pairs[..., 1].bitwise_left_shift(4))
 
     with _cpu_workers(w.device) as mapper:
-        list(mapper(run, range(0, n, rows)))
-    return out
+        list(mapper(run, range(0, rows_total, rows)))
+    return out.reshape(*lead, n, k // 2)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
