@@ -94,10 +94,11 @@ def disk_sources(model: nn.Module, metas: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _read(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: list) -> torch.Tensor:
+def _read(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: list,
+          device: torch.device) -> torch.Tensor:
     shape = tuple(meta.shape)
     width = shape[-1] if len(shape) >= 2 else 1
-    value = torch.empty(shape, dtype=meta.dtype)
+    value = torch.empty(shape, dtype=meta.dtype, device=device)
     flat = value.view(-1, width)
     written = torch.zeros(flat.shape[0], dtype=torch.int32)
     for name, rows in parts:
@@ -106,7 +107,12 @@ def _read(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: list) 
             path = source.entry(name)[0]
             raise ShardError(f"{path}: tensor {name} has shape {list(t.shape)}, but {key} {list(shape)} needs "
                              f"{rows.numel()} rows of {width}; the checkpoint does not match config.json")
-        flat[rows] = t.reshape(-1, width).to(meta.dtype)
+        block = t.reshape(-1, width).to(device=device, dtype=meta.dtype)
+        start = int(rows[0]) if rows.numel() else 0
+        if rows.numel() and int(rows[-1]) - start + 1 == rows.numel() and bool((rows.diff() == 1).all()):
+            flat[start:start + rows.numel()] = block   # consecutive rows (every layout but interleaved): a copy
+        else:
+            flat[rows.to(device)] = block
         written[rows] += 1
     if not parts or not bool((written == 1).all()):
         raise ShardError(f"{source.dir}: the shards do not hold every row of {key} exactly once "
@@ -114,8 +120,10 @@ def _read(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: list) 
     return value
 
 
-def init_non_persistent_buffers(model: nn.Module, prefix: str = "", exclude_prefix: str | None = None) -> None:
-    """Meta non-persistent buffers under ``prefix`` computed as ``from_pretrained`` does (``_init_weights``)."""
+def init_non_persistent_buffers(model: nn.Module, prefix: str = "", exclude_prefix: str | None = None,
+                                device: torch.device | str = "cpu") -> None:
+    """Meta non-persistent buffers under ``prefix`` computed as ``from_pretrained`` does (``_init_weights``, on
+    the CPU), then moved to ``device``."""
     owners = {}
     for name, buf in model.named_non_persistent_buffers():
         if name.startswith(prefix) and buf.is_meta and not (exclude_prefix and name.startswith(exclude_prefix)):
@@ -125,13 +133,19 @@ def init_non_persistent_buffers(model: nn.Module, prefix: str = "", exclude_pref
             owners[path] = owner
     for owner in owners.values():
         model._init_weights(owner)
+        for leaf, buf in owner._buffers.items():
+            if buf is not None and buf.device != torch.device(device) and leaf in owner._non_persistent_buffers_set:
+                owner._buffers[leaf] = buf.to(device)
 
 
-def load_into(model: nn.Module, source: SafetensorsSource, prefix: str, exclude_prefix: str | None = None) -> int:
-    """Load every tensor under ``prefix`` from ``source`` (ties kept); returns the bytes loaded."""
+def load_into(model: nn.Module, source: SafetensorsSource, prefix: str, exclude_prefix: str | None = None,
+              device: torch.device | str = "cpu") -> int:
+    """Load every tensor under ``prefix`` from ``source`` onto ``device`` (ties kept); returns the bytes loaded.
+    Straight to the compute device: a decoder layer is read once and never moved back and forth."""
+    device = torch.device(device)
     metas = loadable_keys(model, prefix, exclude_prefix)
     sources = disk_sources(model, metas)
-    values = {key: _read(source, key, meta, sources[key]) for key, meta in metas.items()}
+    values = {key: _read(source, key, meta, sources[key], device) for key, meta in metas.items()}
     by_id = {}
     for key, meta in model.state_dict(keep_vars=True).items():
         if key in values:
@@ -144,7 +158,7 @@ def load_into(model: nn.Module, source: SafetensorsSource, prefix: str, exclude_
             new = by_id[id(p)]
             slot[leaf] = nn.Parameter(new, requires_grad=p.requires_grad) if isinstance(p, nn.Parameter) else new
             by_id[id(p)] = slot[leaf]
-    init_non_persistent_buffers(model, prefix, exclude_prefix)
+    init_non_persistent_buffers(model, prefix, exclude_prefix, device)
     return sum(v.numel() * v.element_size() for v in values.values())
 
 

@@ -181,7 +181,7 @@ def _layer(stream: _Stream, i: int, inputs: list) -> None:
     path, layer = run.layer_path(i), run.layers[i]
     targets = [t for t in run.plan.targets if t.layer == i]
     with _stage(run, "load"):
-        load_into(run.model, stream.source, path + ".")
+        load_into(run.model, stream.source, path + ".", device=run.device)
     try:
         if part in stream.done:
             if stream.writer:
