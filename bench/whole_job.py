@@ -79,7 +79,7 @@ def build(folder: Path, size: str, layers: int, seed: int = 0) -> int:
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
-    spec = {"size": size, "layers": layers, "seed": seed, "version": 1}
+    spec = {"size": size, "layers": layers, "seed": seed, "version": 2}
     stamp = folder / BUILD_FILE
     if stamp.is_file() and json.loads(stamp.read_text()).get("spec") == spec:
         return json.loads(stamp.read_text())["bytes"]
@@ -113,7 +113,13 @@ def build(folder: Path, size: str, layers: int, seed: int = 0) -> int:
     _tokenizer(folder)
     from moequant.data import builtin_text
 
-    (folder / "calibration.txt").write_text("\n\n".join(builtin_text()[0]), encoding="utf-8")
+    docs, size = [], 0
+    for doc in builtin_text()[0]:   # ~200 k characters: a byte-level tokenizer makes every byte a token
+        docs.append(doc)
+        size += len(doc)
+        if size >= 200_000:
+            break
+    (folder / "calibration.txt").write_text("\n\n".join(docs), encoding="utf-8")
     stamp.write_text(json.dumps({"spec": spec, "bytes": total}))
     return total
 
@@ -167,17 +173,25 @@ def _peaks(device: str) -> dict:
     return {"peak_rss": int(status["VmHWM"].split()[0]) * 1024, "peak_gpu": gpu}
 
 
-def child_moequant(folder: Path, out: Path, device: str) -> dict:
+def child_moequant(folder: Path, out: Path, device: str, profile: Path | None = None) -> dict:
     from moequant.cli import main
 
+    if profile is not None:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     code = main(["quantize", str(folder), "-o", str(out), "--recipe", RECIPE, "--device", device,
                  "--calib", str(folder / "calibration.txt"), "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN),
                  "--quiet", "--overwrite"])
+    if profile is not None:
+        prof.disable()
+        prof.dump_stats(str(profile))
     report = json.loads((out / "moequant_report.json").read_text())
     return {"exit": code, "stages": report["seconds"], "verify_ok": report["verify_ok"]}
 
 
-def child_modelopt(folder: Path, out: Path, device: str) -> dict:
+def child_modelopt(folder: Path, out: Path, device: str, profile: Path | None = None) -> dict:
     t0 = time.perf_counter()
     import modelopt.torch.quantization as mtq
     from modelopt.recipe import load_recipe
@@ -209,11 +223,12 @@ def child_modelopt(folder: Path, out: Path, device: str) -> dict:
     return {"stages": {"import": t1 - t0, "load": t2 - t1, "quantize": t3 - t2, "export": t4 - t3}}
 
 
-def run_child(tool: str, folder: Path, out: Path, device: str) -> dict:
+def run_child(tool: str, folder: Path, out: Path, device: str, profile: Path | None = None) -> dict:
     """One tool's whole job in a fresh process: wall seconds (from the process start) and its peaks."""
     start = time.perf_counter()
+    extra = ["--profile", str(profile)] if profile is not None and tool == "moequant" else []
     proc = subprocess.run([sys.executable, __file__, "--child", tool, "--dir", str(folder), "--out-dir", str(out),
-                           "--device", device], capture_output=True, text=True)
+                           "--device", device, *extra], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["exit " + str(proc.returncode)]}
@@ -239,13 +254,15 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None, help="where the model is built (default: /tmp/whole_job-...)")
     p.add_argument("--tools", default="moequant,modelopt")
     p.add_argument("--json", type=Path, help="write the numbers here")
+    p.add_argument("--profile", type=Path, help="cProfile moequant's job into this file (slows it a little)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each tool (the table shows the fastest)")
     p.add_argument("--child", choices=("moequant", "modelopt"), help=argparse.SUPPRESS)
     p.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     folder = a.dir or Path(f"/tmp/whole_job-{a.size}-{a.layers}")
     if a.child:
         job = child_moequant if a.child == "moequant" else child_modelopt
-        result = job(folder, a.out_dir, a.device)
+        result = job(folder, a.out_dir, a.device, a.profile)
         print(json.dumps({**result, **_peaks(a.device)}))
         return
     t = time.perf_counter()
@@ -259,8 +276,13 @@ def main() -> None:
                                                  capture_output=True).returncode != 0:
             results[tool] = {"error": ["modelopt does not import here"]}
             continue
-        results[tool] = run_child(tool, folder, folder.parent / f"{folder.name}-out-{tool}", a.device)
-        print(tool, json.dumps(results[tool]), flush=True)
+        runs = []
+        for i in range(a.repeats):
+            runs.append(run_child(tool, folder, folder.parent / f"{folder.name}-out-{tool}", a.device,
+                                  a.profile if i == 0 else None))
+            print(tool, json.dumps(runs[-1]), flush=True)
+        results[tool] = min(runs, key=lambda r: r.get("seconds", float("inf")))
+        results[tool + "_runs"] = runs
     out_bytes = results.get("moequant", {}).get("out_bytes") or model_bytes // 3
     results["floor_write"] = floor_write(folder.parent / f"{folder.name}.floor", out_bytes)
     floor = results["floor_read"] + results["floor_write"]

@@ -167,6 +167,39 @@ def free(module: nn.Module) -> None:
     module.to("meta")
 
 
+def _drop(module: nn.Module) -> None:
+    """A zero-filled layer after its probe forward: back to meta, its memory back to the OS (returns None, so
+    a forward hook leaves the output alone)."""
+    free(module)
+    release_heap()
+
+
+def release_heap() -> None:
+    """Hand the C heap's free memory back to the OS; call it once a decoder layer's tensors are all dropped.
+
+    glibc keeps freed heap memory for reuse, and with one decoder layer's buffers freed and new ones of other
+    sizes taken for the next, what it keeps grows with depth (measured, CPU, 52 MB layers, default
+    allocator: peak RSS 666 MB at 8 layers, 1159 MB at 32). ``malloc_trim(0)`` after each layer returns it
+    (646 -> 658 MB). Where the C library has no ``malloc_trim`` (not glibc) this does nothing."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:   # no loadable C library under that name: nothing to trim
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
+
+
 @contextmanager
 def zero_layers_on_the_fly(model: nn.Module, layers: nn.ModuleList, layers_path: str):
     """Each (meta) decoder layer is zero-filled on the CPU while it runs, and back on meta afterwards."""
@@ -181,7 +214,7 @@ def zero_layers_on_the_fly(model: nn.Module, layers: nn.ModuleList, layers_path:
         if next(iter(layer.parameters()), torch.empty(0)).is_meta:
             hooked.append(layer)
             handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: pre(m, a, i)))
-            handles.append(layer.register_forward_hook(lambda m, a, o: free(m)))
+            handles.append(layer.register_forward_hook(lambda m, a, o: _drop(m)))
     try:
         yield
     finally:

@@ -65,7 +65,7 @@ from moequant.plan import Target
 from moequant.recipe import Recipe, load_recipe
 from moequant.report import tensor_bytes, weight_errors
 from moequant.safetensors_source import SafetensorsSource
-from moequant.skeleton import free, load_into, meta_model, zero_layers_on_the_fly
+from moequant.skeleton import free, load_into, meta_model, release_heap, zero_layers_on_the_fly
 from moequant.state import KVScales, QuantState, TensorScales
 
 KILL_AFTER_LAYER_ENV = "MOEQUANT_TEST_KILL_AFTER_LAYER"   # tests only: SIGKILL self after journaling layer k
@@ -163,6 +163,7 @@ def _calibrate_and_journal(model_dir, source, journal, recipe, fmt, calib, token
         _rest_part(stream)
     for i in _progress(range(len(layers)), progress and stream.writer, "layers"):
         _layer(stream, i, inputs)
+        release_heap()   # the layer's tensors are all dropped now: memory stays flat with depth
     return stream, (_final_state(stream) if stream.writer else None)
 
 

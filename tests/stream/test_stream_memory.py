@@ -22,25 +22,21 @@ def _shallow_twin(deep: Path, shallow: Path, layers: int) -> None:
     (shallow / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
 
 
-# glibc's dynamic mmap threshold keeps some freed large buffers on its heap, at timing-dependent moments: peaks
-# of one and the same run varied by up to 200 MB (of ~600). A fixed threshold returns every large buffer to the
-# OS on free, so the peak measures what the code holds (565 +- 3 MB over 10 runs), not the allocator's caching.
-CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
-def test_twice_the_layers_raises_peak_rss_by_less_than_10_percent(tmp_path):
-    write_checkpoint_dir(tmp_path / "m6", qwen3_moe_config(6, 512, 256, 32))
-    _shallow_twin(tmp_path / "m6", tmp_path / "m3", 3)
+def test_four_times_the_layers_raises_peak_rss_by_less_than_10_percent(tmp_path):
+    """The default allocator, as users run it (no MALLOC_* variable): glibc keeps freed memory unless the loop
+    hands it back (skeleton.release_heap); without that, this ratio was 1.5 (8 -> 32 layers of 52 MB)."""
+    write_checkpoint_dir(tmp_path / "m16", qwen3_moe_config(16, 512, 256, 32))
+    _shallow_twin(tmp_path / "m16", tmp_path / "m4", 4)
     children = {n: subprocess.Popen([sys.executable, str(PROBE), str(tmp_path / f"m{n}"), str(tmp_path / f"o{n}"),
-                                     "stream"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=CHILD_ENV)
-                for n in (3, 6)}
+                                     "stream"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for n in (4, 16)}
     peak = {}
     for n, child in children.items():
         out, err = child.communicate(timeout=300)
         assert child.returncode == 0, err[-3000:]
         peak[n] = json.loads(out.strip().splitlines()[-1])["peak_rss"]
-    # an in-memory run holds 3 more layers (75 MB, ~12% of this process): streaming must hold far less
-    assert peak[6] / peak[3] - 1 < 0.10, peak
-    assert peak[6] - peak[3] < 0.5 * 3 * LAYER_BYTES, peak
-    assert (tmp_path / "o6" / "model.safetensors.index.json").is_file()
+    # an in-memory run holds 12 more layers (300 MB, ~50% of this process); streaming must hold far less (it
+    # kept ~280 MB more before release_heap; ~45 MB, ~8%, after it: what is left grows by ~4 MB a layer)
+    assert peak[16] / peak[4] - 1 < 0.10, peak
+    assert peak[16] - peak[4] < 0.25 * 12 * LAYER_BYTES, peak
+    assert (tmp_path / "o16" / "model.safetensors.index.json").is_file()
