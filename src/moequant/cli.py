@@ -122,23 +122,14 @@ def _cmd_recipes(_a) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause: moequant's own errors, a corrupt safetensors file the library reports, and the
+    operating system's (a missing or unreadable file, a path that is a file or a directory where the other is
+    needed, a full disk: ``OSError`` and its subclasses FileNotFoundError, PermissionError, ...)."""
     from safetensors import SafetensorError
 
-    from moequant.calibrate import CalibrationError
-    from moequant.data import CalibrationDataError
-    from moequant.demo import DemoUnavailable
-    from moequant.export import ExportError
-    from moequant.formats.nvfp4 import WeightError
-    from moequant.kernels import BackendUnavailable
-    from moequant.models.experts import UnsupportedModelError
-    from moequant.recipe import RecipeError
-    from moequant.run import ModelDirError
-    from moequant.safetensors_source import ShardError
-    from moequant.verify.decode import CheckpointError
+    from moequant.errors import MoequantError
 
-    return (CalibrationError, CalibrationDataError, DemoUnavailable, ExportError, WeightError, BackendUnavailable,
-            UnsupportedModelError, RecipeError, ModelDirError, CheckpointError, FileExistsError,
-            FileNotFoundError, SafetensorError, ShardError)
+    return (MoequantError, SafetensorError, OSError)
 
 
 COMMANDS = {"quantize": _cmd_quantize, "verify": _cmd_verify, "eval": _cmd_eval, "inspect": _cmd_inspect,

@@ -31,12 +31,14 @@ from pathlib import Path
 import numpy
 import torch
 
+from moequant.errors import MoequantError
+
 SOTU_LAST_YEAR = 2000  # calibration split; 2001 onward is left for evaluation
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "spiece.model")
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(MoequantError, ValueError):
     """Calibration data that cannot be used; the message says which and what to do."""
 
 

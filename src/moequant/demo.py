@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from moequant.errors import MoequantError
+
 NUM_EXPERTS = 8
 TOP_K = 2
 NOISE = 0.01
@@ -44,7 +46,7 @@ BUILD = 2
 BUILD_FILE = "moequant_build.json"
 
 
-class DemoUnavailable(RuntimeError):
+class DemoUnavailable(MoequantError, RuntimeError):
     """The optional demo packages are not installed."""
 
 

@@ -18,6 +18,7 @@ import torch
 
 from moequant.data import load_tokenizer
 from moequant.distributed import Ranks, init_from_env
+from moequant.errors import MoequantError
 from moequant.export import export
 from moequant.html_report import render
 from moequant.pipeline import QuantResult, quantize
@@ -28,7 +29,7 @@ from moequant.verify import VerifyResult, verify
 BUILTIN_SAMPLES, BUILTIN_SEQ_LEN = 16, 256  # the default model on a 2-core CPU: well under a minute
 
 
-class ModelDirError(ValueError):
+class ModelDirError(MoequantError, ValueError):
     """The model directory is missing, not a Hugging Face model, or unreadable."""
 
 

@@ -29,11 +29,13 @@ from typing import Callable
 
 import torch
 
+from moequant.errors import MoequantError
+
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
 
 
-class ExportError(ValueError):
+class ExportError(MoequantError, ValueError):
     """The checkpoint cannot be written as asked; the message names the file or tensor and the fix."""
 
 
