@@ -74,8 +74,9 @@ def _load_dense_from_gguf():
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     path = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
