@@ -19,6 +19,7 @@ import torch
 from moequant.data import load_tokenizer
 from moequant.distributed import Ranks, init_from_env
 from moequant.export import export
+from moequant.export.writer import _check_target
 from moequant.html_report import render
 from moequant.model_ref import ModelDirError, check_model_dir, model_name, resolve_model
 from moequant.pipeline import QuantResult, quantize
@@ -91,6 +92,8 @@ def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nv
 
     ``model``: a local model directory or a hub id (``revision``; ``model_ref.resolve_model``).
     ``trust_remote_code``: let transformers import the model directory's own code (``auto_map``).
+    ``out`` (default ``./<model name>-<recipe>``) must not be, lie inside, or contain the model directory,
+    even with ``overwrite``: the source is never touched.
     ``stream`` (default): one decoder layer in memory at a time, read from the safetensors shards, with a
     journal next to ``out`` that a rerun of a killed run continues from (``moequant.stream``); False: load
     the whole model, then quantize and export it (``pipeline.quantize`` + ``export.export``): same bytes.
@@ -98,9 +101,9 @@ def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nv
     seconds = {}
     rec = load_recipe(recipe, **_overrides(samples, seq_len, kv_cache, dead_experts))
     out = Path(out) if out is not None else Path.cwd() / f"{model_name(model)}-{rec.name}"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output {out} exists and is not empty; choose another -o or pass --overwrite")
+    _check_target(out, overwrite)   # before a download: an -o that cannot be written fails at once
     model_dir = resolve_model(model, revision, trust_remote_code=trust_remote_code)
+    _check_target(out, overwrite, source_dir=model_dir)
     device = init_from_env(resolve_device(device))   # under torchrun: join the group, this rank's GPU
     if not stream and Ranks.current() is not None:
         raise ModelDirError("--no-stream runs in one process; under torchrun quantize streams (drop --no-stream)")

@@ -104,7 +104,7 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
     model_dir, out_dir, recipe = Path(model_dir), Path(out_dir).absolute(), load_recipe(recipe)
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    _check_target(out_dir, overwrite)
+    _check_target(out_dir, overwrite, model_dir)
     source = SafetensorsSource(model_dir)
     ranks = Ranks.current()
     if ranks is not None and not ranks.writer:   # the other ranks compute and send; they write nothing
@@ -277,4 +277,5 @@ def _write(stream: _Stream, state: QuantState, out_dir: Path, model_dir: Path, r
              for part in journal.parts.values() for name, dtype, shape in part["tensors"]]
     specs.sort(key=lambda s: natural_key(s.name))
     extras = checkpoint_extras(stream.run.model, state, stream.fmt, model_dir, recipe)
-    return write_checkpoint(out_dir, specs, extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    return write_checkpoint(out_dir, specs, extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                            source_dir=model_dir)

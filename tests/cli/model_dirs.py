@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from importlib import resources
@@ -38,6 +39,21 @@ def save_model_dir(folder: Path, family: str, dead_experts: bool = False) -> Pat
     model.save_pretrained(folder)
     tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder
+
+
+def tree_state(folder: Path) -> dict[str, str]:
+    """Every path under ``folder`` (symlinks as their target, directories as "dir") -> its content's sha256:
+    equal before and after a run means nothing was written, removed or changed there."""
+    state = {}
+    for path in sorted(Path(folder).rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            state[key] = f"link -> {path.readlink()}"
+        elif path.is_dir():
+            state[key] = "dir"
+        else:
+            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
 
 
 CUSTOM_CODE = '''
