@@ -8,8 +8,12 @@ Public API (each stage takes and returns plain data):
     export(model, state, out_dir, format="modelopt" | "compressed-tensors", overwrite=False, source_dir=None,
            recipe=None) -> Path
     verify(path, reference=None) -> VerifyResult
+
+Every error a user can cause (a model, checkpoint, recipe, calibration file or output path that cannot be
+used) is a ``MoequantError`` whose message names the file or tensor and the fix.
 """
 
+from moequant.errors import MoequantError
 from moequant.discover import discover
 from moequant.plan import DiskSlice, Plan, Target
 from moequant.quantize import calibrate_weights
@@ -25,5 +29,5 @@ __all__ = [
     "DiskSlice", "KVScales", "Plan", "QuantState", "Record", "Target", "TensorScales",
     "calibrate_weights", "discover",
     "QuantResult", "Recipe", "load_recipe", "quantize",
-    "ExportError", "VerifyResult", "export", "verify",
+    "ExportError", "MoequantError", "VerifyResult", "export", "verify",
 ]

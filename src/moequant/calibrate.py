@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from moequant.channel_stats import ChannelStats, observe_experts, observe_linear
+from moequant.errors import MoequantError
 from moequant.expert_amax import abs_max, check_gating, gated_amax_many, routed_gated_amax
 from moequant.formats.fp8 import fp8_tensor_scale
 from moequant.formats.nvfp4 import global_scale_from_amax
@@ -48,7 +49,7 @@ from moequant.plan import Plan
 POLICIES = ("coverage", "route_all", "routed")
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(MoequantError, RuntimeError):
     """Calibration could not produce a scale; the message names the module and says what to do."""
 
 

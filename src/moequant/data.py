@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -31,12 +32,14 @@ from pathlib import Path
 import numpy
 import torch
 
+from moequant.errors import MoequantError
+
 SOTU_LAST_YEAR = 2000  # calibration split; 2001 onward is left for evaluation
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "spiece.model")
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(MoequantError, ValueError):
     """Calibration data that cannot be used; the message says which and what to do."""
 
 
@@ -90,8 +93,10 @@ def read_text_file(path: str | Path) -> list[str]:
     return [text]
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The tokenizer saved in ``model_dir`` (local files only); a clear error when there is none."""
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
+    """The tokenizer saved in ``model_dir`` (local files only); a clear error when there is none.
+    ``trust_remote_code`` is passed to transformers as given: without it, a tokenizer whose code lives in the
+    model directory (``tokenizer_config.json`` ``auto_map``) is an error, never a prompt."""
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -102,9 +107,23 @@ def load_tokenizer(model_dir: str | Path):
             f"model directory {model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the "
             "tokenizer files of the original checkpoint into it, pass tokenizer=..., or calibrate on token ids")
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True,
+                                             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        if not trust_remote_code and _tokenizer_auto_map(model_dir):
+            raise CalibrationDataError(
+                f"{model_dir}: the tokenizer needs custom code from the model directory (tokenizer_config.json "
+                "auto_map); pass --trust-remote-code (trust_remote_code=True) if you trust that code") from None
         raise CalibrationDataError(f"could not load the tokenizer in {model_dir}: {err}") from err
+
+
+def _tokenizer_auto_map(model_dir: Path) -> bool:
+    path = model_dir / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and bool(config.get("auto_map"))
 
 
 def token_stream(documents: list[str], tokenizer) -> torch.Tensor:

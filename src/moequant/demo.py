@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from moequant.errors import MoequantError
+
 NUM_EXPERTS = 8
 TOP_K = 2
 NOISE = 0.01
@@ -44,7 +46,7 @@ BUILD = 2
 BUILD_FILE = "moequant_build.json"
 
 
-class DemoUnavailable(RuntimeError):
+class DemoUnavailable(MoequantError, RuntimeError):
     """The optional demo packages are not installed."""
 
 
@@ -72,8 +74,9 @@ def _load_dense_from_gguf():
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     path = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from moequant.data import CalibrationDataError, load_tokenizer, read_text_file, token_stream
+from moequant.model_ref import check_model_dir
 
 HELDOUT_FIRST_YEAR = 2001
 
@@ -80,15 +81,18 @@ def _scores(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def evaluate(model_dir, checkpoint=None, data=None, windows: int = 8, seq_len: int = 512,
-             device: str = "cpu", progress: bool = False) -> EvalResult:
-    """Perplexity of ``model_dir`` and (with ``checkpoint``) of the shipped quantized checkpoint, plus KL."""
+             device: str = "cpu", progress: bool = False, trust_remote_code: bool = False) -> EvalResult:
+    """Perplexity of ``model_dir`` and (with ``checkpoint``) of the shipped quantized checkpoint, plus KL.
+    ``trust_remote_code``: let transformers import the model directory's own code (``auto_map``)."""
     from moequant.fake_quant_model import load_fake_quantized, load_original
 
     start = time.perf_counter()
-    tokenizer = load_tokenizer(model_dir)
+    check_model_dir(Path(model_dir), trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
     ids, desc = eval_windows(tokenizer, data, windows, seq_len)
-    original = load_original(model_dir, device)
-    quantized = load_fake_quantized(model_dir, checkpoint, device) if checkpoint is not None else None
+    original = load_original(model_dir, device, trust_remote_code)
+    quantized = (load_fake_quantized(model_dir, checkpoint, device, trust_remote_code) if checkpoint is not None
+                 else None)
     nll_o, nll_q, kl = [], [], []
     rows = range(ids.shape[0])
     if progress:

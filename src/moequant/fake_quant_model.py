@@ -20,10 +20,11 @@ from moequant.verify.report import VerifyResult
 from moequant.verify.spec import parse_spec
 
 
-def load_original(model_dir, device) -> nn.Module:
+def load_original(model_dir, device, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True,
+                                                 trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
@@ -84,12 +85,12 @@ def _spec(checkpoint) -> tuple[Checkpoint, str, bool]:
 
 
 @torch.no_grad()
-def load_fake_quantized(model_dir, checkpoint, device) -> nn.Module:
+def load_fake_quantized(model_dir, checkpoint, device, trust_remote_code: bool = False) -> nn.Module:
     """The original model with the checkpoint's decoded weights and engine-like activation fake-quant."""
     from moequant.discover import discover
     from moequant.quantize import canonical_weight
 
-    model = load_original(model_dir, "cpu")
+    model = load_original(model_dir, "cpu", trust_remote_code)
     plan = discover(model)
     ckpt, scheme, static_inputs = _spec(checkpoint)
     where = {s.name.removesuffix(".weight"): (t, s) for t in plan.targets for s in t.slices}

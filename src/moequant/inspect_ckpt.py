@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-
+from moequant.model_ref import read_config_json
 from moequant.verify.decode import Checkpoint
 
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
@@ -68,11 +68,11 @@ def inspect_checkpoint(path: Path) -> list[str]:
     return lines
 
 
-def inspect_model(path: Path) -> list[str]:
+def inspect_model(path: Path, trust_remote_code: bool = False) -> list[str]:
     from moequant.discover import discover
     from moequant.run import load_model, weights_size
 
-    model = load_model(path)
+    model = load_model(path, trust_remote_code)
     plan = discover(model)
     experts = plan.expert_targets()
     lines = [f"model {path} ({type(model).__name__}), not quantized",
@@ -85,10 +85,10 @@ def inspect_model(path: Path) -> list[str]:
     return lines
 
 
-def inspect_path(path: Path) -> list[str]:
+def inspect_path(path: Path, trust_remote_code: bool = False) -> list[str]:
     config = path / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{path} has no config.json: give a checkpoint or a Hugging Face model directory")
-    if "quantization_config" in json.loads(config.read_text()):
+    if "quantization_config" in read_config_json(path):
         return inspect_checkpoint(path)
-    return inspect_model(path)
+    return inspect_model(path, trust_remote_code)

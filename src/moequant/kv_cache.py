@@ -20,6 +20,7 @@ import inspect
 import torch
 from torch import nn
 
+from moequant.errors import MoequantError
 from moequant.expert_amax import abs_max
 from moequant.formats.fp8 import fp8_tensor_scale
 from moequant.models.experts import UnsupportedModelError
@@ -28,7 +29,7 @@ from moequant.state import KVScales
 KV_SCHEMES = ("fp8", "fp8-cast")
 
 
-class KVObservationError(RuntimeError):
+class KVObservationError(MoequantError, RuntimeError):
     """The KV cache could not be observed; the message names the layer and says what to do."""
 
 

@@ -30,10 +30,11 @@ from typing import Any
 
 import yaml
 
+from moequant.errors import MoequantError
 from moequant.plan import Plan, Target
 
 
-class RecipeError(ValueError):
+class RecipeError(MoequantError, ValueError):
     """A recipe that cannot be used; the message names the file, the line and the offending key or value."""
 
 

@@ -19,17 +19,15 @@ import torch
 from moequant.data import load_tokenizer
 from moequant.distributed import Ranks, init_from_env
 from moequant.export import export
+from moequant.export.writer import _check_target
 from moequant.html_report import render
+from moequant.model_ref import ModelDirError, check_model_dir, model_name, resolve_model
 from moequant.pipeline import QuantResult, quantize
 from moequant.recipe import load_recipe
 from moequant.stream import quantize_streamed
 from moequant.verify import VerifyResult, verify
 
 BUILTIN_SAMPLES, BUILTIN_SEQ_LEN = 16, 256  # the default model on a 2-core CPU: well under a minute
-
-
-class ModelDirError(ValueError):
-    """The model directory is missing, not a Hugging Face model, or unreadable."""
 
 
 @dataclass
@@ -46,33 +44,15 @@ def weights_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def check_model_dir(model_dir: Path):
-    """The config of a local HF model directory; errors name the directory and say what to do."""
-    from transformers import AutoConfig
-
-    if not model_dir.is_dir():
-        raise ModelDirError(f"{model_dir} is not a directory: give a local Hugging Face model directory")
-    if not (model_dir / "config.json").is_file():
-        raise ModelDirError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (ValueError, KeyError):
-        import transformers
-
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-        raise ModelDirError(f"{model_dir}: architecture model_type={model_type!r} is unknown to transformers "
-                            f"{transformers.__version__}; upgrade transformers or use a supported model") from None
-    return config
-
-
-def load_model(model_dir: Path):
+def load_model(model_dir: Path, trust_remote_code: bool = False):
     """A local HF causal LM (its dtype as saved); errors name the directory and say what to do."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    config = check_model_dir(model_dir)
+    config = check_model_dir(model_dir, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True,
+                                                     trust_remote_code=trust_remote_code)
     except SafetensorError as err:
         raise ModelDirError(f"{model_dir}: corrupt or truncated safetensors file ({err}); re-download it") from None
     except ValueError as err:
@@ -103,49 +83,55 @@ def _overrides(samples, seq_len, kv_cache, dead_experts) -> dict:
     return out
 
 
-def quantize_model(model_dir: Path, out: Path | None = None, recipe: str = "nvfp4-mse", fmt: str = "modelopt",
+def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nvfp4-mse", fmt: str = "modelopt",
                    calib=None, samples: int | None = None, seq_len: int | None = None, device: str = "auto",
                    kv_cache: str | None = None, dead_experts: str | None = None, overwrite: bool = False,
-                   progress: bool = True, log=print, stream: bool = True) -> QuantizeOutcome | None:
-    """Quantize ``model_dir`` with ``recipe`` and write a verified checkpoint to ``out``.
+                   progress: bool = True, log=print, stream: bool = True, revision: str | None = None,
+                   trust_remote_code: bool = False) -> QuantizeOutcome | None:
+    """Quantize ``model`` with ``recipe`` and write a verified checkpoint to ``out``.
 
+    ``model``: a local model directory or a hub id (``revision``; ``model_ref.resolve_model``).
+    ``trust_remote_code``: let transformers import the model directory's own code (``auto_map``).
+    ``out`` (default ``./<model name>-<recipe>``) must not be, lie inside, or contain the model directory,
+    even with ``overwrite``: the source is never touched.
     ``stream`` (default): one decoder layer in memory at a time, read from the safetensors shards, with a
     journal next to ``out`` that a rerun of a killed run continues from (``moequant.stream``); False: load
     the whole model, then quantize and export it (``pipeline.quantize`` + ``export.export``): same bytes.
     Under ``torchrun`` every rank calls this (``distributed.py``); ranks other than 0 return None."""
     seconds = {}
     rec = load_recipe(recipe, **_overrides(samples, seq_len, kv_cache, dead_experts))
-    out = Path(out) if out is not None else Path.cwd() / f"{model_dir.name}-{rec.name}"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output {out} exists and is not empty; choose another -o or pass --overwrite")
+    out = Path(out) if out is not None else Path.cwd() / f"{model_name(model)}-{rec.name}"
+    _check_target(out, overwrite)   # before a download: an -o that cannot be written fails at once
+    model_dir = resolve_model(model, revision, trust_remote_code=trust_remote_code)
+    _check_target(out, overwrite, source_dir=model_dir)
     device = init_from_env(resolve_device(device))   # under torchrun: join the group, this rank's GPU
     if not stream and Ranks.current() is not None:
         raise ModelDirError("--no-stream runs in one process; under torchrun quantize streams (drop --no-stream)")
-    check_model_dir(model_dir)
+    check_model_dir(model_dir, trust_remote_code)
     needs_text = rec.input_scheme or rec.kv_cache == "fp8" or rec.needs_channel_stats
-    tokenizer = load_tokenizer(model_dir) if needs_text else None
+    tokenizer = load_tokenizer(model_dir, trust_remote_code) if needs_text else None
     if stream:
         t = time.perf_counter()
         result = quantize_streamed(model_dir, out, rec, fmt, calib, tokenizer=tokenizer, device=device,
-                                   overwrite=overwrite, progress=progress)
+                                   overwrite=overwrite, progress=progress, trust_remote_code=trust_remote_code)
         seconds["quantize+export (streamed)"] = time.perf_counter() - t
         if result is None:   # a torchrun rank other than 0: it computed and sent; rank 0 wrote and verifies
             return None
     else:
         result = _quantize_in_memory(model_dir, out, rec, fmt, calib, tokenizer, device, overwrite, progress,
-                                     seconds)
+                                     seconds, trust_remote_code)
     t = time.perf_counter()
     checked = verify(out)
     seconds["verify"] = time.perf_counter() - t
     outcome = QuantizeOutcome(out, result, checked, seconds, weights_size(model_dir), weights_size(out))
-    write_reports(outcome, model_dir, rec.name, fmt)
+    write_reports(outcome, model_name(model), rec.name, fmt)
     return outcome
 
 
 def _quantize_in_memory(model_dir, out, rec, fmt, calib, tokenizer, device, overwrite, progress,
-                        seconds) -> QuantResult:
+                        seconds, trust_remote_code) -> QuantResult:
     t = time.perf_counter()
-    model = load_model(model_dir)
+    model = load_model(model_dir, trust_remote_code)
     seconds["load"] = time.perf_counter() - t
     t = time.perf_counter()
     result = quantize(model, rec, calib, tokenizer=tokenizer, device=device, progress=progress)
@@ -196,11 +182,11 @@ def _plain(obj):
     return obj
 
 
-def write_reports(o: QuantizeOutcome, model_dir: Path, recipe: str, fmt: str) -> None:
+def write_reports(o: QuantizeOutcome, name: str, recipe: str, fmt: str) -> None:
     """report.html and moequant_report.json into the (already complete) output directory, atomically."""
     lines = summary_lines(o, fmt)
     files = {
-        "report.html": render(o.result.state, o.result.report, lines, f"moequant: {model_dir.name} / {recipe}"),
+        "report.html": render(o.result.state, o.result.report, lines, f"moequant: {name} / {recipe}"),
         "moequant_report.json": json.dumps({"summary": lines, "report": _plain(o.result.report),
                                             "seconds": o.seconds, "verify_ok": o.verify.ok}, indent=1),
     }

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from moequant.errors import MoequantError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DTYPES = {
@@ -30,7 +32,7 @@ DTYPES = {
 _MAX_HEADER_BYTES = 100 * 1000**2
 
 
-class ShardError(ValueError):
+class ShardError(MoequantError, ValueError):
     """A safetensors shard is missing, truncated or corrupt; the message names the file and the tensor."""
 
 

@@ -31,17 +31,17 @@ from moequant.models.experts import UnsupportedModelError
 from moequant.safetensors_source import SafetensorsSource, ShardError
 
 
-def meta_model(model_dir: Path, source: SafetensorsSource) -> nn.Module:
+def meta_model(model_dir: Path, source: SafetensorsSource, trust_remote_code: bool = False) -> nn.Module:
     """The causal LM of ``model_dir`` on the meta device, in the dtype ``from_pretrained(dtype="auto")`` uses."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
     dtype = getattr(config, "dtype", None)
     if dtype is None:  # what "auto" falls back to: the checkpoint's first floating tensor
         name = next(n for n in sorted(source.weight_map) if source.entry(n)[1]["dtype"] in ("BF16", "F16", "F32"))
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[source.entry(name)[1]["dtype"]]
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     gen = Path(model_dir) / "generation_config.json"
     if gen.is_file():
         from transformers import GenerationConfig

@@ -90,7 +90,8 @@ class _Stream:
 def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | Path | Recipe = "nvfp4",
                       fmt: str = "modelopt", calib=None, *, tokenizer=None, device: str | torch.device = "cpu",
                       batch_size: int = 8, backend: str = "auto", overwrite: bool = False, progress: bool = False,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> QuantResult | None:
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, trust_remote_code: bool = False,
+                      ) -> QuantResult | None:
     """Quantize the safetensors model in ``model_dir`` layer by layer and write the checkpoint to ``out_dir``.
 
     Arguments as ``pipeline.quantize`` + ``export.export``. A partial run of the same model, recipe,
@@ -103,13 +104,13 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
     model_dir, out_dir, recipe = Path(model_dir), Path(out_dir).absolute(), load_recipe(recipe)
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    _check_target(out_dir, overwrite)
+    _check_target(out_dir, overwrite, model_dir)
     source = SafetensorsSource(model_dir)
     ranks = Ranks.current()
     if ranks is not None and not ranks.writer:   # the other ranks compute and send; they write nothing
         with torch.no_grad():
             _calibrate_and_journal(model_dir, source, None, recipe, fmt, calib, tokenizer, device, batch_size,
-                                   backend, progress, ranks)
+                                   backend, progress, ranks, trust_remote_code)
         return None
     print_ = fingerprint(model_dir, source.files(), recipe.to_dict(), calib, fmt)
     journal = Journal(partial_dir(out_dir), print_, overwrite)
@@ -117,7 +118,7 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
     try:
         with torch.no_grad():
             stream, state = _calibrate_and_journal(model_dir, source, journal, recipe, fmt, calib, tokenizer,
-                                                   device, batch_size, backend, progress, ranks)
+                                                   device, batch_size, backend, progress, ranks, trust_remote_code)
         with _stage(stream.run, "write"):
             _write(stream, state, out_dir, model_dir, recipe, overwrite, max_shard_bytes)
     except KeyboardInterrupt:   # interrupted, not wrong: the next run continues (errors leave nothing behind)
@@ -135,8 +136,8 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
 
 
 def _calibrate_and_journal(model_dir, source, journal, recipe, fmt, calib, tokenizer, device, batch_size,
-                           backend, progress, ranks=None) -> tuple[_Stream, QuantState | None]:
-    model = meta_model(model_dir, source)
+                           backend, progress, ranks=None, trust_remote_code=False) -> tuple[_Stream, QuantState | None]:
+    model = meta_model(model_dir, source, trust_remote_code)
     layers_path, layers = decoder_layers(model)
     load_into(model, source, "", exclude_prefix=layers_path + ".")
     with zero_layers_on_the_fly(model, layers, layers_path):
@@ -277,4 +278,5 @@ def _write(stream: _Stream, state: QuantState, out_dir: Path, model_dir: Path, r
              for part in journal.parts.values() for name, dtype, shape in part["tensors"]]
     specs.sort(key=lambda s: natural_key(s.name))
     extras = checkpoint_extras(stream.run.model, state, stream.fmt, model_dir, recipe)
-    return write_checkpoint(out_dir, specs, extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    return write_checkpoint(out_dir, specs, extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                            source_dir=model_dir)

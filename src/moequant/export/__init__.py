@@ -104,4 +104,5 @@ def export(
     common.check_exportable(state)
     specs = sorted(tensor_specs(model, state, format, check=False), key=lambda s: natural_key(s.name))
     write_extras = checkpoint_extras(model, state, format, source_dir, recipe)
-    return write_checkpoint(out_dir, specs, write_extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    return write_checkpoint(out_dir, specs, write_extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                            source_dir=source_dir)

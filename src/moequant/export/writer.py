@@ -29,11 +29,13 @@ from typing import Callable
 
 import torch
 
+from moequant.errors import MoequantError
+
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
 
 
-class ExportError(ValueError):
+class ExportError(MoequantError, ValueError):
     """The checkpoint cannot be written as asked; the message names the file or tensor and the fix."""
 
 
@@ -146,13 +148,26 @@ def write_shards(directory: Path, specs: list[TensorSpec], max_shard_bytes: int)
     return index
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
+def _check_target(out_dir: Path, overwrite: bool, source_dir: str | os.PathLike | None = None) -> None:
+    """Refuse an output that is a file, a non-empty directory without ``overwrite``, or (even with
+    ``overwrite``) the source model directory, a folder inside it or one that contains it (symlinks resolved):
+    writing there would replace or mix with the model being read."""
+    out_dir = Path(out_dir)
+    if source_dir is not None:
+        out_real, src_real = out_dir.resolve(), Path(source_dir).resolve()
+        where = ("is" if out_real == src_real else "is inside" if src_real in out_real.parents
+                 else "contains" if out_real in src_real.parents else None)
+        if where is not None:
+            raise ExportError(f"output {out_dir} {where} the model directory {source_dir}: the checkpoint would "
+                              "replace or mix with the model it is made from; choose an output outside it")
     if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory; choose another output path")
+        raise ExportError(f"output {out_dir} exists and is not a directory; choose another output path")
+    blocker = next((p for p in out_dir.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ExportError(f"output {out_dir}: {blocker} is a file, not a directory; choose another output path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(
-            f"{out_dir} exists and is not empty; pass overwrite=True to replace it, or choose an empty directory"
-        )
+        raise ExportError(f"output {out_dir} exists and is not empty; choose another output or pass --overwrite "
+                          "(overwrite=True) to replace it")
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -173,11 +188,12 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 def write_checkpoint(
     out_dir: str | os.PathLike, specs: list[TensorSpec], write_extras: Callable[[Path], None],
-    overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, source_dir=None,
 ) -> Path:
-    """Write a complete checkpoint atomically; ``write_extras(tmp_dir)`` adds configs and copied files."""
+    """Write a complete checkpoint atomically; ``write_extras(tmp_dir)`` adds configs and copied files.
+    ``source_dir``: the model directory read, which the output must not be, lie in or contain."""
     out_dir = Path(out_dir).absolute()
-    _check_target(out_dir, overwrite)
+    _check_target(out_dir, overwrite, source_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.moequant-tmp-", dir=out_dir.parent))
     done = False

@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from moequant.errors import MoequantError
 from moequant.formats.fp4 import E2M1_MAX, decode_e2m1, encode_e2m1
 from moequant.formats.fp8 import E4M3_MAX, E4M3_MIN_SUBNORMAL, round_to_e4m3
 
@@ -50,7 +51,7 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
-class WeightError(ValueError):
+class WeightError(MoequantError, ValueError):
     """A weight that cannot be quantized (bad shape, NaN/inf); the message names the tensor."""
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from moequant.errors import MoequantError
+
 BACKENDS = ("auto", "torch", "triton")
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(MoequantError, RuntimeError):
     """The requested backend cannot run here (no CUDA device, or triton not installed)."""
 
 

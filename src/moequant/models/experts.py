@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moequant.errors import MoequantError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(MoequantError, ValueError):
     """The model holds weights moequant does not know how to quantize safely; the message says which."""
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from moequant.errors import MoequantError
+
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 BLOCK = 16
 INDEX_NAME = "model.safetensors.index.json"
@@ -43,7 +45,7 @@ DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoequantError, ValueError):
     """The directory is not a readable checkpoint; the message names the file and what is wrong."""
 
 
