@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check an exported checkpoint (exit 1 when a check fails)")
     v.add_argument("checkpoint")
     v.add_argument("--reference", help="original model directory: report weight error per tensor/layer/expert")
+    v.add_argument("--engine", choices=("vllm",),
+                   help="also check the engine's loader contract (vllm: vLLM 0.26.0, read from its source)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     i = sub.add_parser("inspect", help="what a checkpoint or model directory holds")
     i.add_argument("path")
@@ -88,7 +90,7 @@ def _cmd_quantize(a) -> int:
 def _cmd_verify(a) -> int:
     from moequant.verify import verify
 
-    result = verify(a.checkpoint, reference=a.reference)
+    result = verify(a.checkpoint, reference=a.reference, engine=a.engine)
     print(result.to_json() if a.json else result.summary())
     return 0 if result.ok else 1
 
