@@ -22,12 +22,14 @@ def _configs() -> dict:
             num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])),
         "mixtral": (tf.MixtralForCausalLM, tf.MixtralConfig(
             **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+        # topk_method / scoring_func as in DeepSeek-V3's own config.json: transformers 5 routes with sigmoid and the
+        # bias regardless, but vLLM reads both keys (without them it builds no router bias and routes by softmax)
         "deepseek_v3": (tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config(
             **{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=96, moe_intermediate_size=32,
             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
             n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
             qk_nope_head_dim=16, v_head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            bos_token_id=0, eos_token_id=1)),
+            bos_token_id=0, eos_token_id=1, topk_method="noaux_tc", scoring_func="sigmoid")),
         "olmoe": (tf.OlmoeForCausalLM, tf.OlmoeConfig(
             **COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2, pad_token_id=0, bos_token_id=0,
             eos_token_id=1)),

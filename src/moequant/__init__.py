@@ -7,7 +7,7 @@ Public API (each stage takes and returns plain data):
     quantize(model, recipe="nvfp4", calib=None, tokenizer=None, device=None) -> QuantResult
     export(model, state, out_dir, format="modelopt" | "compressed-tensors", overwrite=False, source_dir=None,
            recipe=None) -> Path
-    verify(path, reference=None) -> VerifyResult
+    verify(path, reference=None, engine=None) -> VerifyResult     (engine="vllm": vLLM 0.26.0 loader contract)
 
 Every error a user can cause (a model, checkpoint, recipe, calibration file or output path that cannot be
 used) is a ``MoequantError`` whose message names the file or tensor and the fix.

@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--reference", help="original model directory or hub id: report weight error per "
                    "tensor/layer/expert")
     v.add_argument("--revision", help="branch, tag or commit of a --reference hub id (default: main)")
+    v.add_argument("--engine", choices=("vllm",),
+                   help="also check the engine's loader contract (vllm: vLLM 0.26.0, read from its source)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     i = sub.add_parser("inspect", help="what a checkpoint or model directory holds")
     i.add_argument("path", help="checkpoint, model directory or hub id")
@@ -115,7 +117,7 @@ def _cmd_verify(a) -> int:
 
         raise ModelDirError("--revision applies to a --reference hub id; give --reference or drop --revision")
     reference = resolve_model(a.reference, a.revision) if a.reference is not None else None
-    result = verify(a.checkpoint, reference=reference)
+    result = verify(a.checkpoint, reference=reference, engine=a.engine)
     print(result.to_json() if a.json else result.summary())
     return 0 if result.ok else 1
 

@@ -1,6 +1,6 @@
 """Independent verifier of NVFP4 / FP8 checkpoints (ModelOpt-HF and compressed-tensors).
 
-    verify(path, reference=None) -> VerifyResult     (.ok, .failures, .warnings, .stats, .errors, .to_json())
+    verify(path, reference=None, engine=None) -> VerifyResult  (.ok, .failures, .warnings, .stats, .errors, .to_json())
 
 Written from the format descriptions (docs/checkpoint-formats.md), not from the exporter: this package imports
 nothing from ``moequant.formats``, ``kernels``, ``quantize``, ``export`` or ``state`` (a test scans its imports).
@@ -16,6 +16,8 @@ Checks, each failure naming the tensor and the check:
   experts_complete every expert of every MoE layer (count from config.json) with all its projections;
   exclude_list     the exclude/ignore list covers exactly the unquantized linears;
   kv_scales        right names, for all attention layers or none.
+With ``engine="vllm"``: also the loader contract of vLLM 0.26.0 (``engine_vllm.py``, checks ``vllm_*``): what
+vLLM's weight loader asks for, how its exclude rules resolve, w1/w3 scales, input scales, KV-scale renaming.
 With ``reference`` (the original model directory): relative weight error per tensor / layer / expert with
 outliers flagged, unquantized tensors identical, no tensor missing.
 """
@@ -31,11 +33,12 @@ import torch
 
 from moequant.verify import checks
 from moequant.verify.decode import Checkpoint, CheckpointError
+from moequant.verify.engine_vllm import check_vllm
 from moequant.verify.reference import ErrorAccumulator, check_unquantized
 from moequant.verify.report import ErrorReport, Failure, VerifyResult
 from moequant.verify.spec import FormatSpec, expected_experts, parse_spec
 
-__all__ = ["ErrorReport", "Failure", "VerifyResult", "iter_decoded", "main", "verify"]
+__all__ = ["ENGINES", "ErrorReport", "Failure", "VerifyResult", "iter_decoded", "main", "verify"]
 
 
 def _check_files(ckpt: Checkpoint, result: VerifyResult) -> None:
@@ -74,9 +77,15 @@ def _check_values(ckpt: Checkpoint, spec: FormatSpec, inv: checks.Inventory, res
     result.stats["unquantized_linears"] = len(inv.unquantized_linear)
 
 
-def verify(path: str | os.PathLike, reference: str | os.PathLike | None = None) -> VerifyResult:
-    """Check the checkpoint at ``path`` (and compare it with ``reference`` if given); never raises on a bad
-    checkpoint: every problem is a ``Failure`` in the result."""
+ENGINES = ("vllm",)
+
+
+def verify(path: str | os.PathLike, reference: str | os.PathLike | None = None,
+           engine: str | None = None) -> VerifyResult:
+    """Check the checkpoint at ``path`` (and compare it with ``reference`` if given; with ``engine="vllm"`` also
+    check it against vLLM 0.26.0's loader); never raises on a bad checkpoint: every problem is a ``Failure``."""
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
     result = VerifyResult(str(path))
     try:
         ckpt = Checkpoint(path)
@@ -84,7 +93,10 @@ def verify(path: str | os.PathLike, reference: str | os.PathLike | None = None) 
         result.fail("files", str(path), str(err))
         return result
     with ckpt, _one_thread():
-        return _verify(ckpt, path, reference, result)
+        _verify(ckpt, path, reference, result)
+        if engine == "vllm":
+            check_vllm(ckpt, result)
+        return result
 
 
 @contextmanager
@@ -149,13 +161,14 @@ def iter_decoded(path: str | os.PathLike):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moequant.verify CHECKPOINT [--reference DIR] [--json]``; exit status 1 on any failure."""
+    """``python -m moequant.verify CHECKPOINT [--reference DIR] [--engine vllm] [--json]``; exit 1 on any failure."""
     parser = argparse.ArgumentParser(prog="moequant-verify", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--reference", default=None, help="original model directory (safetensors)")
+    parser.add_argument("--engine", choices=ENGINES, help="also check the loader contract of this engine")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     args = parser.parse_args(argv)
-    result = verify(args.checkpoint, args.reference)
+    result = verify(args.checkpoint, args.reference, args.engine)
     print(result.to_json() if args.json else result.summary())
     return 0 if result.ok else 1
 
