@@ -12,9 +12,10 @@ projection names: Mixtral ``w1/w2/w3``, the others ``gate_proj/down_proj/up_proj
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from moequant.errors import MoequantError
 
 
-class LayoutError(ValueError):
+class LayoutError(MoequantError, ValueError):
     """config.json lacks what the architecture needs, or names an architecture this contract does not know."""
 
 

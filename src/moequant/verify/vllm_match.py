@@ -27,9 +27,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from moequant.errors import MoequantError
 
 
-class MatchError(ValueError):
+class MatchError(MoequantError, ValueError):
     """vLLM itself raises while deciding (fused shards disagree); the message says what it would raise."""
 
 

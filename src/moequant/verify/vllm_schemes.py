@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from moequant.verify.decode import Checkpoint
+from moequant.errors import MoequantError
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)   # widen exactly into vLLM's float32 scale parameters
 SCALAR = "scalar"
@@ -27,7 +28,7 @@ MODELOPT_ALGOS = {"NVFP4": ("nvfp4", True), "W4A16_NVFP4": ("nvfp4", False), "FP
 MODELOPT_KNOWN = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8", "MIXED_PRECISION")
 
 
-class SchemeError(ValueError):
+class SchemeError(MoequantError, ValueError):
     """The quantization config is one vLLM refuses, or one this contract does not encode."""
 
 
