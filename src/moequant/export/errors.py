@@ -1,0 +1,5 @@
+"""``ExportError``: its own module so that the writer and the output-directory helpers share it without a cycle."""
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be written as asked; the message names the file or tensor and the fix."""
