@@ -111,6 +111,24 @@ def test_the_same_thread_nests_another_thread_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_a_forked_child_does_not_inherit_the_lock(tmp_path):
+    out = tmp_path / "ckpt"
+    with output_lock(out):
+        pid = os.fork()
+        if pid == 0:   # the child: refused, naming its parent
+            code = 1
+            try:
+                with output_lock(out):
+                    code = 3
+            except OutputLocked as err:
+                code = 0 if f"pid {os.getppid()} " in str(err) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_leftovers_of_this_output_are_removed_others_are_not(tmp_path):
     out = tmp_path / "ckpt"
     leftover = tmp_path / ".ckpt.moequant-tmp-0a1b2c3d"   # a run killed during its final assembly

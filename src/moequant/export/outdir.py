@@ -76,11 +76,13 @@ def output_lock(out_dir: str | os.PathLike):
     path, me = lock_path(out_dir), (os.getpid(), threading.get_ident())
     with _GUARD:
         held = _HELD.get(path)
-        if held is not None and held[0] == me:
-            held[1] += 1
-        elif held is not None and held[0][0] == me[0]:
+        if held is not None and held[0][0] != me[0]:
+            held = None   # inherited through fork(): the parent's lock; flock below refuses the child
+        if held is not None and held[0] != me:
             raise OutputLocked(f"{out_dir} is being written by another thread of this process (pid {me[0]}); "
-                               f"wait for it or choose another output directory (-o) (lock file: {path})")
+                               f"wait for it or choose another output directory (-o); lock file: {path}")
+        if held is not None:
+            held[1] += 1
     if held is not None:
         try:
             yield path
@@ -159,7 +161,7 @@ def _locked_line(out_dir: Path, path: Path, holder: dict) -> str:
         who = (f"pid {holder['pid']} on {holder.get('host', '?')} since {holder.get('started', '?')}: "
                f"{holder.get('command', '?')}")
     return (f"{out_dir} is being written by another moequant run ({who}); wait for it to finish or choose "
-            f"another output directory (-o) (lock file: {path})")
+            f"another output directory (-o); lock file: {path}")
 
 
 def _remove_leftovers(out_dir: Path) -> list[Path]:
