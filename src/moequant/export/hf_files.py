@@ -42,7 +42,7 @@ def copy_source_files(source_dir: str | Path | None, dest: Path) -> list[str]:
             continue
         if path.name in _NOT_COPIED_NAMES:
             continue
-        shutil.copy2(path, dest / path.name)
+        shutil.copyfile(path, dest / path.name)   # not copy2: the umask's mode, not the source file's
         copied.append(path.name)
     return copied
 

@@ -10,9 +10,11 @@ SGLang / TensorRT-LLM read):
     model.safetensors.index.json             {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
 An index is written even for a single shard, so readers never need to guess the layout.
 
-Atomicity: everything goes into ``<parent>/.<name>.moequant-tmp-XXXX`` (same filesystem as the target, so the
-final move is a ``rename``); on any exception, including KeyboardInterrupt, the temporary directory is removed
-and nothing appears at the target. An existing target is replaced only with ``overwrite=True``.
+Atomicity: everything goes into ``<parent>/.<name>.moequant-tmp-XXXXXXXX`` (same filesystem as the target, so
+the final move is a ``rename``); on any exception, including KeyboardInterrupt, the temporary directory is
+removed and nothing appears at the target. An existing target is replaced only with ``overwrite=True``.
+The whole write holds the output's lock; permissions, leftovers of killed runs and OS errors (disk full, ...)
+as one line: ``outdir.py``.
 """
 
 from __future__ import annotations
@@ -22,21 +24,23 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from moequant.errors import MoequantError
+from moequant.export.errors import ExportError
+from moequant.export.outdir import (
+    check_free_space,
+    output_lock,
+    reported_os_errors,
+    sibling_dir,
+    sibling_name,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
-
-
-class ExportError(MoequantError, ValueError):
-    """The checkpoint cannot be written as asked; the message names the file or tensor and the fix."""
 
 
 @dataclass(frozen=True)
@@ -119,14 +123,19 @@ def write_safetensors(path: Path, shard: list[TensorSpec]) -> None:
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for spec in order:
-            t = _build(spec)
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # the tensor's own buffer
-            del t
+    try:
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for spec in order:
+                t = _build(spec)
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # the tensor's own buffer
+                del t
+    except OSError as err:
+        if err.filename is None:   # write() and close() errors (disk full) name no file: this one
+            err.filename = str(path)
+        raise
 
 
 def write_shards(directory: Path, specs: list[TensorSpec], max_shard_bytes: int) -> dict:
@@ -175,8 +184,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.rename(tmp, out_dir)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.moequant-old-", dir=out_dir.parent))
-    os.rmdir(old)
+    old = sibling_name(out_dir, "old")
     os.rename(out_dir, old)
     try:
         os.rename(tmp, out_dir)
@@ -191,18 +199,25 @@ def write_checkpoint(
     overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, source_dir=None,
 ) -> Path:
     """Write a complete checkpoint atomically; ``write_extras(tmp_dir)`` adds configs and copied files.
+
+    Under the output's lock (``OutputLocked`` if another run holds it). Refused up front when the file system
+    has less free space than the tensors' bytes; an OS error while writing (disk full, quota, read-only,
+    permission) is an ``ExportError`` naming the output, the file and the fix; either way nothing is left.
     ``source_dir``: the model directory read, which the output must not be, lie in or contain."""
     out_dir = Path(out_dir).absolute()
+    need = sum(s.nbytes for s in specs)
     _check_target(out_dir, overwrite, source_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.moequant-tmp-", dir=out_dir.parent))
-    done = False
-    try:
-        write_shards(tmp, specs, max_shard_bytes)
-        write_extras(tmp)
-        _move_into_place(tmp, out_dir)
-        done = True
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with reported_os_errors(out_dir, need), output_lock(out_dir):
+        _check_target(out_dir, overwrite, source_dir)   # again under the lock: another run may have finished meanwhile
+        check_free_space(out_dir, need)
+        tmp = sibling_dir(out_dir, "tmp")
+        done = False
+        try:
+            write_shards(tmp, specs, max_shard_bytes)
+            write_extras(tmp)
+            _move_into_place(tmp, out_dir)
+            done = True
+        finally:
+            if not done:
+                shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
