@@ -2,8 +2,8 @@
 
 Computed from the experts container's own weights and its own gating (``_apply_gate``: act(gate) * up, or
 GPT-OSS's clamped interleaved variant), never by calling the container, so the model's outputs and its
-experts implementation are untouched. Routed tokens: experts sorted by token count, evaluated in padded
-chunks (``routed_gated_amax``). Every token (coverage's targeted pass, route_all): one ``F.linear`` per
+experts implementation are untouched. Routed tokens: on an accelerator, experts sorted by token count,
+evaluated in padded chunks, or one grouped GEMM; on a CPU, one ``F.linear`` per expert (``routed_gated_amax``). Every token (coverage's targeted pass, route_all): one ``F.linear`` per
 expert on the CPU, chunks of a fixed size on an accelerator where one launch per expert would dominate
 (``gated_amax_many``).
 """
@@ -81,12 +81,21 @@ def routed_gated_amax(c: ExpertsContainer, x: torch.Tensor, token: torch.Tensor,
     no pair. ``counts [E]``: pairs per expert. On a GPU with grouped GEMM (bf16) the pairs go through one
     grouped matmul per chunk of pairs, as the model's own grouped_mm experts do, with no wait for the device
     (``_routed_grouped``). Otherwise experts are sorted by token count and evaluated in chunks padded to the
-    chunk's largest count (padding rows masked out), a few operations per chunk instead of several per expert.
+    chunk's largest count (padding rows masked out), a few operations per chunk instead of several per expert;
+    on a CPU, where the work and not the launches bound the time, each expert on exactly its routed tokens (the
+    padding cost up to several times the model's own expert compute with uneven routing).
     """
     if _grouped_mm_usable(c, x):
         return _routed_grouped(c, x, token, expert, counts)
     sizes = counts.tolist()
     sorted_tokens = token[torch.argsort(expert, stable=True)]                      # sentinels sort last
+    if x.device.type == "cpu":   # compute-bound: each expert on exactly its tokens, no padding (as the model does)
+        out, start = torch.zeros(len(sizes)), 0
+        for e, n in enumerate(sizes):
+            if n:
+                out[e] = gated_amax(c, x[sorted_tokens[start:start + n]], e)
+            start += n
+        return out
     w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
     bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
     starts = torch.cumsum(counts, 0) - counts
