@@ -70,3 +70,21 @@ def test_corrupt_header_names_file(sharded, tmp_path):
     with pytest.raises(ShardError, match=rf"{shard.name}: corrupt safetensors header"):
         quantize_streamed(src, tmp_path / "out", RECIPE)
     _assert_nothing_left(tmp_path)
+
+
+def test_index_pointing_outside_the_model_is_refused_before_reading(sharded, tmp_path):
+    """A shard name climbing out of the model directory: refused naming the index, the tensor and the entry;
+    the file outside is never opened (it is not even a safetensors file) and nothing is left behind."""
+    src = _copy(sharded, tmp_path / "src")
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    _, name = _layer_shard(src, 1)
+    index["weight_map"][name] = "../secret.txt"
+    index_path.write_text(json.dumps(index))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for moequant")
+    pattern = rf"{index_path.name}: tensor {name.replace('.', '[.]')} is mapped to shard '\.\./secret\.txt', outside"
+    with pytest.raises(ShardError, match=pattern):
+        quantize_streamed(src, tmp_path / "out", RECIPE)
+    secret.unlink()
+    _assert_nothing_left(tmp_path)
