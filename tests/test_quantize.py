@@ -132,6 +132,32 @@ def test_nan_in_one_expert_names_the_on_disk_tensor():
         calibrate_weights(model)
 
 
+@pytest.mark.parametrize("scheme", ["nvfp4", "fp8"])
+def test_nan_in_a_fused_gate_up_names_the_up_tensor_of_that_expert(scheme):
+    """Qwen3-MoE fuses gate and up of each expert into gate_up_proj [E, 2I, H] in memory; the error names the
+    on-disk tensor of expert 2 that holds the NaN, and the position within it, not the fused parameter."""
+    model = build("qwen3_moe")
+    inter = model.config.moe_intermediate_size
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.gate_up_proj[2, inter + 5, 9] = float("nan")
+    with pytest.raises(WeightError) as info:
+        calibrate_weights(model, scheme=scheme)
+    message = str(info.value)
+    assert message.startswith("model.layers.1.mlp.experts.2.up_proj.weight: "), message
+    assert "gate_up_proj" not in message
+    if scheme == "nvfp4":
+        assert "first at index [5, 9]" in message, message
+
+
+def test_huge_magnitude_names_the_on_disk_tensor_of_that_expert():
+    model = build("qwen3_moe")
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.gate_up_proj[6, 3, 0] = 1e30   # gate rows of expert 6
+        model.model.layers[1].mlp.experts.down_proj[1, 0, 0] = -1e30
+    with pytest.raises(WeightError, match=r"^model\.layers\.0\.mlp\.experts\.6\.gate_proj\.weight: magnitude 1e\+30"):
+        calibrate_weights(model)
+
+
 def test_inf_in_linear_names_the_tensor():
     model = build("llama")
     with torch.no_grad():

@@ -21,8 +21,8 @@ from torch import nn
 from moequant import kernels
 from moequant.formats.fp8 import fp8_tensor_scale, quantize_fp8_tensor, dequantize_fp8_tensor
 from moequant.formats.global_search import search_global
-from moequant.formats.nvfp4 import WeightError, check_weight, global_scale_from_amax, tensor_amax
-from moequant.plan import Plan, Target
+from moequant.formats.nvfp4 import MAX_ABS, WeightError, check_weight, global_scale_from_amax, tensor_amax
+from moequant.plan import Plan, Target, disk_name_of, disk_position
 from moequant.state import QuantState, TensorScales
 
 METHODS = ("mse", "max", "weighted_mse")
@@ -34,27 +34,19 @@ def canonical_weight(model: nn.Module, target: Target) -> torch.Tensor:
     return p.transpose(-1, -2) if target.transposed else p
 
 
-def _disk_name_of(target: Target, index: list[int]) -> str:
-    """On-disk tensor name holding canonical element ``index`` (for error messages)."""
-    expert = index[0] if target.kind == "experts" else None
-    row = index[-2]
-    for s in target.slices:
-        start, stop, step = s.rows
-        if (s.expert is None or s.expert == expert) and start <= row < stop and (row - start) % step == 0:
-            return s.name + (f" (expert {expert})" if s.expert is None and expert is not None else "")
-    return target.key
-
-
 def check_target_weight(target: Target, w: torch.Tensor) -> None:
-    """``check_weight`` with the message naming the on-disk tensor that holds the first bad value."""
+    """``check_weight`` with the message naming the on-disk tensor that holds the first bad value (NaN / inf,
+    or a magnitude above ``MAX_ABS``); shape and dtype errors concern the whole target and keep its key."""
     try:
         check_weight(w, target.key)
     except WeightError as err:
         finite = torch.isfinite(w)
-        if bool(finite.all()):
+        bad = ~finite if not bool(finite.all()) else w.abs() > MAX_ABS
+        if not bool(bad.any()):
             raise
-        name = _disk_name_of(target, (~finite).nonzero()[0].tolist())
-        raise WeightError(str(err).replace(target.key, name, 1)) from None
+        index = bad.nonzero()[0].tolist()
+        name, local = disk_position(target, index)
+        raise WeightError(str(err).replace(target.key, name, 1).replace(f"index {index}", f"index {local}")) from None
 
 
 _CHUNK_ELEMENTS = 1 << 24  # per-expert reductions run over chunks of experts: fp32 temporaries <= 64 MiB
@@ -215,7 +207,7 @@ def _scales_at(t: Target, w, amax, gs, block, options: _Options) -> TensorScales
 def _check_fp8(target: Target, w: torch.Tensor) -> None:
     finite = torch.isfinite(w)
     if not bool(finite.all()):
-        name = _disk_name_of(target, (~finite).nonzero()[0].tolist())
+        name = disk_name_of(target, (~finite).nonzero()[0].tolist())
         raise WeightError(f"{name}: non-finite value(s) (NaN or inf) in the weight; fix the checkpoint")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from moequant.formats.nvfp4 import WeightError
 from moequant.recipe import load_recipe
 from moequant.safetensors_source import ShardError, read_header
 from moequant.stream import quantize_streamed
@@ -87,4 +88,19 @@ def test_index_pointing_outside_the_model_is_refused_before_reading(sharded, tmp
     with pytest.raises(ShardError, match=pattern):
         quantize_streamed(src, tmp_path / "out", RECIPE)
     secret.unlink()
+    _assert_nothing_left(tmp_path)
+
+
+def test_nan_in_a_shard_names_the_on_disk_expert_tensor(model_dir, tmp_path):
+    """The streamed path fuses gate/up of each expert in memory; the refusal names the tensor of the shard."""
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(model_dir("qwen3_moe"), tmp_path / "src")
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    shard = src / "model.safetensors"
+    tensors = load_file(str(shard))
+    tensors[name][5, 9] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(WeightError, match=rf"^{name.replace('.', '[.]')}: 1 non-finite value.*at index \[5, 9\]"):
+        quantize_streamed(src, tmp_path / "out", RECIPE)
     _assert_nothing_left(tmp_path)
