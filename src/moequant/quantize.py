@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moequant import kernels
+from moequant.formats import fp8, nvfp4
 from moequant.formats.fp8 import fp8_tensor_scale, quantize_fp8_tensor, dequantize_fp8_tensor
 from moequant.formats.global_search import search_global
 from moequant.formats.nvfp4 import MAX_ABS, WeightError, check_weight, global_scale_from_amax, tensor_amax
@@ -47,6 +48,21 @@ def check_target_weight(target: Target, w: torch.Tensor) -> None:
         index = bad.nonzero()[0].tolist()
         name, local = disk_position(target, index)
         raise WeightError(str(err).replace(target.key, name, 1).replace(f"index {index}", f"index {local}")) from None
+
+
+def check_target_amax(target: Target, amax: torch.Tensor, scheme: str) -> None:
+    """Refuse a non-zero tensor (or expert) too small for its scheme's scales to stay normal float32
+    (``formats.nvfp4.MIN_WEIGHT_AMAX`` / ``formats.fp8.MIN_WEIGHT_AMAX``, derived there), naming its on-disk
+    tensors; an all-zero tensor is fine (documented scales, decodes to zeros)."""
+    low = nvfp4.MIN_WEIGHT_AMAX if scheme == "nvfp4" else fp8.MIN_WEIGHT_AMAX
+    tiny = (amax > 0) & (amax < low)
+    if not bool(tiny.any()):
+        return
+    where = tiny.nonzero()[0].tolist() if amax.ndim else []
+    name = disk_name_of(target, where[0]) if where else ", ".join(s.name for s in target.slices)
+    raise WeightError(f"{name}: largest magnitude {float(amax[tuple(where)]):.3g} is below {low:.3g}, the smallest "
+                      f"{scheme} represents with normal float32 scales: the tensor is all but zero; exclude "
+                      f"{target.module_path} in the recipe (exclude: [...]) or set the tensor to zero")
 
 
 _CHUNK_ELEMENTS = 1 << 24  # per-expert reductions run over chunks of experts: fp32 temporaries <= 64 MiB
@@ -126,6 +142,8 @@ def calibrate_weights(
     for t in plan.targets:
         check_target_weight(t, weights[t.key]) if (scheme or t.scheme) == "nvfp4" else _check_fp8(t, weights[t.key])
     amax = {t.key: weight_amax(t, weights[t.key]) for t in plan.targets}
+    for t in plan.targets:
+        check_target_amax(t, amax[t.key], scheme or t.scheme)
     shared = group_amax(plan, amax)
     tensors, used = {}, set()
     if method == "weighted_mse" or global_search or four_over_six:
