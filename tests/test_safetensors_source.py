@@ -87,13 +87,13 @@ def test_separators_that_climb_out_are_refused(model, outside):
 def test_symlinked_shard_resolving_outside_is_refused(model, outside):
     (model / "model-2.safetensors").unlink()
     os.symlink(outside, model / "model-2.safetensors")
-    _refused(model, f"{model / INDEX_NAME}: tensor c.w", "'model-2.safetensors'", f"resolves to {outside}")
+    _refused(model, f"{model / INDEX_NAME}: tensor c.w", "'model-2.safetensors'", f"a link resolving to {outside}")
 
 
 def test_symlinked_directory_resolving_outside_is_refused(model, outside):
     os.symlink(outside.parent, model / "sub")
     _remap(model, "c.w", "sub/x.safetensors")
-    _refused(model, "tensor c.w", "'sub/x.safetensors'", f"resolves to {outside}")
+    _refused(model, "tensor c.w", "'sub/x.safetensors'", f"a link resolving to {outside}")
 
 
 def test_single_file_symlinked_outside_is_refused(tmp_path, outside):

@@ -140,7 +140,7 @@ def escape_reason(model_dir: Path, file: str) -> str | None:
     except (OSError, RuntimeError) as err:  # a symlink loop
         return f"does not resolve ({err})"
     if not any(resolved.is_relative_to(root) for root in roots):
-        return f"resolves to {resolved}"
+        return f"a link resolving to {resolved}"
     return None
 
 
@@ -157,7 +157,8 @@ class SafetensorsSource:
         elif single.is_file():
             why = escape_reason(self.dir, SINGLE_NAME)
             if why is not None:
-                raise ShardError(f"{single}: outside the model directory ({why}); refusing to read it")
+                raise ShardError(f"{single}: outside the model directory ({why}); refusing to read it (a link you "
+                                 "made yourself: copy or hard-link the file in instead)")
             self.weight_map = {name: SINGLE_NAME for name in read_header(single)[0]}
         else:
             raise ShardError(f"{self.dir}: no {INDEX_NAME} and no {SINGLE_NAME}; streaming reads safetensors "
@@ -173,7 +174,7 @@ class SafetensorsSource:
             if why is not None:
                 raise ShardError(f"{index}: tensor {min(names)} is mapped to shard {file!r}, outside the model "
                                  f"directory ({why}); refusing to read it: re-download the model from a source "
-                                 "you trust")
+                                 "you trust (a link you made yourself: copy or hard-link the file in instead)")
         for file, names in sorted(by_file.items()):
             if not (self.dir / file).is_file():
                 raise ShardError(f"{self.dir / file}: shard file is missing (it holds tensor {min(names)} and "

@@ -114,7 +114,7 @@ def _outside(path: Path, file: str) -> str | None:
         resolved = (path / file).resolve()
     except (OSError, RuntimeError) as err:  # a symlink loop
         return f"does not resolve ({err})"
-    return None if any(resolved.is_relative_to(r) for r in roots) else f"resolves to {resolved}"
+    return None if any(resolved.is_relative_to(r) for r in roots) else f"a link resolving to {resolved}"
 
 
 class Checkpoint:
