@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from moequant import kernels
+from moequant.formats import fp8
 from moequant.formats.fp8 import dequantize_fp8_tensor, fp8_tensor_scale, quantize_fp8_tensor
+from moequant.formats.global_search import GLOBAL_FACTORS
 from moequant.formats.global_search import reference_block_search, search_global
 from moequant.formats.mse import search_block_scales_reference
-from moequant.formats.nvfp4 import (NORMALIZE_BELOW, dequantize_nvfp4, exponent_normalized, global_scale_from_amax,
+from moequant.formats.nvfp4 import (MIN_WEIGHT_AMAX, NORMALIZE_BELOW, dequantize_nvfp4, exponent_normalized, global_scale_from_amax,
                                     quantize_nvfp4, tensor_amax, weight_squared_error)
 from moequant.formats.weighted_mse import search_weighted_reference, weighted_weight_error
 from moequant.kernels import torch_mse, torch_weighted
@@ -134,3 +136,19 @@ def test_fp8_weights_of_a_tiny_tensor_are_those_of_the_tensor():
     q, q_tiny = quantize_fp8_tensor(w, s), quantize_fp8_tensor(w * TINY, s_tiny)
     assert torch.equal(q_tiny.view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(dequantize_fp8_tensor(q_tiny, s_tiny), dequantize_fp8_tensor(q, s) * TINY)
+
+
+def test_smallest_accepted_amax_keeps_every_scale_and_decoded_value_normal():
+    """At the pipeline's thresholds (quantize.check_target_amax): the NVFP4 global scale (also after the
+    global-scale search's smallest factor) times the smallest non-zero code (0.5) and block scale (2^-9) is a
+    normal float32, the compressed-tensors inverse is finite; FP8's scale times 2^-9 likewise."""
+    normal = torch.finfo(torch.float32).tiny  # 2^-126
+    g = global_scale_from_amax(torch.tensor(MIN_WEIGHT_AMAX))
+    assert float(g) == 2.0**-115
+    g_low = g * torch.tensor(min(GLOBAL_FACTORS))
+    assert float(torch.tensor(0.5) * (torch.tensor(2.0**-9) * g_low)) >= normal
+    assert bool(torch.isfinite(1.0 / g))
+    half = global_scale_from_amax(torch.tensor(MIN_WEIGHT_AMAX / 2)) * torch.tensor(min(GLOBAL_FACTORS))
+    assert float(torch.tensor(0.5) * (torch.tensor(2.0**-9) * half)) < normal  # an octave less would not do
+    s = fp8_tensor_scale(torch.tensor(fp8.MIN_WEIGHT_AMAX))
+    assert float(s) == 2.0**-117 and float(torch.tensor(2.0**-9) * s) >= normal

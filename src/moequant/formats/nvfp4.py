@@ -47,9 +47,9 @@ functions taking ``blocks`` compute on what they are given. The global scale shi
 amax. ``quantize_nvfp4`` (the codes written) divides w by fl(block_scale * g) as is: the normalized codes
 whenever that product is normal. Decoded values are code * fl(block_scale * g); all of them are normal fp32
 (as the exactness above assumes, and as engines multiplying in any order agree on) iff 0.5 * 2^-9 * g >=
-2^-126, i.e. g >= 2^-116: ``MIN_WEIGHT_AMAX`` = 2688 * 2^-116 (~3.2e-32) is the smallest non-zero weight amax
-the pipeline accepts (``quantize.check_target_amax``); then the compressed-tensors inverse 2688 / amax <=
-2^116 is finite as well.
+2^-126, i.e. g >= 2^-116, and the global-scale search may lower g by 2^-1/8: ``MIN_WEIGHT_AMAX`` =
+2688 * 2^-115 (~6.5e-32, g >= 2^-115) is the smallest non-zero weight amax the pipeline accepts
+(``quantize.check_target_amax``); then the compressed-tensors inverse 2688 / amax <= 2^115 is finite too.
 
 Every division is by a tensor, never a Python number: on CUDA, PyTorch turns ``x / 6.0`` into a multiply by
 a rounded reciprocal, which differs from IEEE division in the last bit for about a third of inputs.
@@ -68,7 +68,7 @@ BLOCK_SIZE = 16
 GLOBAL_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688
 MIN_GLOBAL_SCALE = 2.0**-126
 MAX_ABS = 1e18
-MIN_WEIGHT_AMAX = GLOBAL_DIVISOR * 2.0**-116  # = 21 * 2^-109 exactly; see the module docstring
+MIN_WEIGHT_AMAX = GLOBAL_DIVISOR * 2.0**-115  # = 21 * 2^-108 exactly; see the module docstring
 NORMALIZE_BELOW = 2.0**-36    # global scales below this are searched exponent-normalized
 NORMAL_EXPONENT = -12         # ... to g' in [2^-12, 2^-11)
 _SHIFTED_LIMIT_EXP = 60       # normalized magnitudes stay below 2^60
