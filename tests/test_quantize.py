@@ -132,6 +132,67 @@ def test_nan_in_one_expert_names_the_on_disk_tensor():
         calibrate_weights(model)
 
 
+@pytest.mark.parametrize("scheme", ["nvfp4", "fp8"])
+def test_nan_in_a_fused_gate_up_names_the_up_tensor_of_that_expert(scheme):
+    """Qwen3-MoE fuses gate and up of each expert into gate_up_proj [E, 2I, H] in memory; the error names the
+    on-disk tensor of expert 2 that holds the NaN, and the position within it, not the fused parameter."""
+    model = build("qwen3_moe")
+    inter = model.config.moe_intermediate_size
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.gate_up_proj[2, inter + 5, 9] = float("nan")
+    with pytest.raises(WeightError) as info:
+        calibrate_weights(model, scheme=scheme)
+    message = str(info.value)
+    assert message.startswith("model.layers.1.mlp.experts.2.up_proj.weight: "), message
+    assert "gate_up_proj" not in message
+    if scheme == "nvfp4":
+        assert "first at index [5, 9]" in message, message
+
+
+def test_huge_magnitude_names_the_on_disk_tensor_of_that_expert():
+    model = build("qwen3_moe")
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.gate_up_proj[6, 3, 0] = 1e30   # gate rows of expert 6
+        model.model.layers[1].mlp.experts.down_proj[1, 0, 0] = -1e30
+    with pytest.raises(WeightError, match=r"^model\.layers\.0\.mlp\.experts\.6\.gate_proj\.weight: magnitude 1e\+30"):
+        calibrate_weights(model)
+
+
+@pytest.mark.parametrize("method", ["mse", "max"])
+def test_tiny_tensors_get_the_scales_of_the_same_tensor_at_ordinary_magnitude(method):
+    """One linear and one expert scaled by 2^-100 (~1e-30 weights): the pipeline ships the block scales of the
+    unscaled model and the global scale of the original amax (exponent normalization, formats.nvfp4)."""
+    model, tiny = build("qwen3_moe"), build("qwen3_moe")
+    with torch.no_grad():
+        tiny.model.layers[0].self_attn.o_proj.weight.mul_(2.0**-100)
+        tiny.model.layers[1].mlp.experts.gate_up_proj[3].mul_(2.0**-100)
+        tiny.model.layers[1].mlp.experts.down_proj[3].mul_(2.0**-100)
+    ref, got = calibrate_weights(model, method=method), calibrate_weights(tiny, method=method)
+    for key, s in ref.tensors.items():
+        t = got.tensors[key]
+        assert torch.equal(t.block_scale.view(torch.uint8), s.block_scale.view(torch.uint8)), key
+    o_proj = "model.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(got.tensors[o_proj].global_scale, ref.tensors[o_proj].global_scale * 2.0**-100)
+    down = got.tensors["model.layers.1.mlp.experts.down_proj"].global_scale
+    expected = ref.tensors["model.layers.1.mlp.experts.down_proj"].global_scale.clone()
+    expected[3] *= 2.0**-100
+    assert torch.equal(down, expected)
+
+
+@pytest.mark.parametrize("scheme,magnitude", [("nvfp4", 1e-32), ("fp8", 1e-33)])
+def test_expert_too_small_for_normal_scales_is_refused_by_name(scheme, magnitude):
+    model = build("qwen3_moe")
+    with torch.no_grad():
+        experts = model.model.layers[0].mlp.experts
+        experts.gate_up_proj[5] = torch.randn(experts.gate_up_proj.shape[1:]).clamp(-1, 1) * magnitude
+    expected = (r"^model\.layers\.0\.mlp\.experts\.5\.gate_proj\.weight, model\.layers\.0\.mlp\.experts\.5\.up_proj\.weight: "
+                r"largest magnitude .* is below .*exclude model\.layers\.0\.mlp\.experts in the recipe")
+    with pytest.raises(WeightError, match=expected):
+        calibrate_weights(model, scheme=scheme)
+    if scheme == "nvfp4":  # the same expert is fine for FP8, whose scale is amax / 448, not amax / 2688
+        calibrate_weights(model, scheme="fp8")
+
+
 def test_inf_in_linear_names_the_tensor():
     model = build("llama")
     with torch.no_grad():

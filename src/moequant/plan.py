@@ -18,6 +18,7 @@ gate/up) carry the same ``group`` id and share one global scale (the max of thei
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 SCHEMES = ("nvfp4", "fp8")
@@ -52,6 +53,40 @@ class Target:
     @property
     def num_experts(self) -> int | None:
         return self.shape[0] if self.kind == "experts" else None
+
+
+def disk_name_of(target: Target, where: int | Sequence[int]) -> str:
+    """The on-disk tensor name a user can grep for, for error messages.
+
+    ``where``: a canonical element index (``[e, n, k]`` for fused experts, ``[n, k]`` for a linear, e.g.
+    ``bad.nonzero()[0].tolist()``) -> the one tensor holding that element (for a fused gate_up: the gate or up
+    tensor of that expert); or an expert number -> every tensor of that expert, comma-separated. A fused
+    tensor written whole gets `` (expert e)``; with no matching slice, the target key.
+    """
+    if isinstance(where, int):
+        names = [s.name for s in target.slices if s.expert == where]
+        return ", ".join(names) if names else _whole_name(target, where)
+    return disk_position(target, where)[0]
+
+
+def disk_position(target: Target, index: Sequence[int]) -> tuple[str, list[int]]:
+    """(on-disk name, index within that tensor) of canonical element ``index`` (see ``disk_name_of``); the
+    index is in the canonical ``[rows, K]`` orientation of the slice (``[e, n, k]`` for a tensor written whole)."""
+    index = list(index)
+    expert = index[0] if target.kind == "experts" else None
+    row = index[-2]
+    for s in target.slices:
+        start, stop, step = s.rows
+        if (s.expert is None or s.expert == expert) and start <= row < stop and (row - start) % step == 0:
+            if s.expert is None and expert is not None:
+                return f"{s.name} (expert {expert})", index
+            return s.name, [(row - start) // step, index[-1]]
+    return target.key, index
+
+
+def _whole_name(target: Target, expert: int) -> str:
+    whole = [s.name for s in target.slices if s.expert is None]
+    return f"{', '.join(whole)} (expert {expert})" if whole else target.key
 
 
 @dataclass(frozen=True)

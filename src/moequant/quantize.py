@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from moequant import kernels
+from moequant.formats import fp8, nvfp4
 from moequant.formats.fp8 import fp8_tensor_scale, quantize_fp8_tensor, dequantize_fp8_tensor
 from moequant.formats.global_search import search_global
-from moequant.formats.nvfp4 import WeightError, check_weight, global_scale_from_amax, tensor_amax
-from moequant.plan import Plan, Target
+from moequant.formats.nvfp4 import MAX_ABS, WeightError, check_weight, global_scale_from_amax, tensor_amax
+from moequant.plan import Plan, Target, disk_name_of, disk_position
 from moequant.state import QuantState, TensorScales
 
 METHODS = ("mse", "max", "weighted_mse")
@@ -34,27 +35,34 @@ def canonical_weight(model: nn.Module, target: Target) -> torch.Tensor:
     return p.transpose(-1, -2) if target.transposed else p
 
 
-def _disk_name_of(target: Target, index: list[int]) -> str:
-    """On-disk tensor name holding canonical element ``index`` (for error messages)."""
-    expert = index[0] if target.kind == "experts" else None
-    row = index[-2]
-    for s in target.slices:
-        start, stop, step = s.rows
-        if (s.expert is None or s.expert == expert) and start <= row < stop and (row - start) % step == 0:
-            return s.name + (f" (expert {expert})" if s.expert is None and expert is not None else "")
-    return target.key
-
-
 def check_target_weight(target: Target, w: torch.Tensor) -> None:
-    """``check_weight`` with the message naming the on-disk tensor that holds the first bad value."""
+    """``check_weight`` with the message naming the on-disk tensor that holds the first bad value (NaN / inf,
+    or a magnitude above ``MAX_ABS``); shape and dtype errors concern the whole target and keep its key."""
     try:
         check_weight(w, target.key)
     except WeightError as err:
         finite = torch.isfinite(w)
-        if bool(finite.all()):
+        bad = ~finite if not bool(finite.all()) else w.abs() > MAX_ABS
+        if not bool(bad.any()):
             raise
-        name = _disk_name_of(target, (~finite).nonzero()[0].tolist())
-        raise WeightError(str(err).replace(target.key, name, 1)) from None
+        index = bad.nonzero()[0].tolist()
+        name, local = disk_position(target, index)
+        raise WeightError(str(err).replace(target.key, name, 1).replace(f"index {index}", f"index {local}")) from None
+
+
+def check_target_amax(target: Target, amax: torch.Tensor, scheme: str) -> None:
+    """Refuse a non-zero tensor (or expert) too small for its scheme's scales to stay normal float32
+    (``formats.nvfp4.MIN_WEIGHT_AMAX`` / ``formats.fp8.MIN_WEIGHT_AMAX``, derived there), naming its on-disk
+    tensors; an all-zero tensor is fine (documented scales, decodes to zeros)."""
+    low = nvfp4.MIN_WEIGHT_AMAX if scheme == "nvfp4" else fp8.MIN_WEIGHT_AMAX
+    tiny = (amax > 0) & (amax < low)
+    if not bool(tiny.any()):
+        return
+    where = tiny.nonzero()[0].tolist() if amax.ndim else []
+    name = disk_name_of(target, where[0]) if where else ", ".join(s.name for s in target.slices)
+    raise WeightError(f"{name}: largest magnitude {float(amax[tuple(where)]):.3g} is below {low:.3g}, the smallest "
+                      f"{scheme} represents with normal float32 scales: the tensor is all but zero; exclude "
+                      f"{target.module_path} in the recipe (exclude: [...]) or set the tensor to zero")
 
 
 _CHUNK_ELEMENTS = 1 << 24  # per-expert reductions run over chunks of experts: fp32 temporaries <= 64 MiB
@@ -137,6 +145,8 @@ def calibrate_weights(
     for t in plan.targets:
         check_target_weight(t, weights[t.key]) if (scheme or t.scheme) == "nvfp4" else _check_fp8(t, weights[t.key])
     amax = {t.key: weight_amax(t, weights[t.key]) for t in plan.targets}
+    for t in plan.targets:
+        check_target_amax(t, amax[t.key], scheme or t.scheme)
     shared = group_amax(plan, amax)
     tensors, used = {}, set()
     if method == "weighted_mse" or global_search or four_over_six:
@@ -218,7 +228,7 @@ def _scales_at(t: Target, w, amax, gs, block, options: _Options) -> TensorScales
 def _check_fp8(target: Target, w: torch.Tensor) -> None:
     finite = torch.isfinite(w)
     if not bool(finite.all()):
-        name = _disk_name_of(target, (~finite).nonzero()[0].tolist())
+        name = disk_name_of(target, (~finite).nonzero()[0].tolist())
         raise WeightError(f"{name}: non-finite value(s) (NaN or inf) in the weight; fix the checkpoint")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from moequant.formats.nvfp4 import WeightError
 from moequant.recipe import load_recipe
 from moequant.safetensors_source import ShardError, read_header
 from moequant.stream import quantize_streamed
@@ -68,5 +69,38 @@ def test_corrupt_header_names_file(sharded, tmp_path):
     data[8:8 + length] = b"{" * length
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=rf"{shard.name}: corrupt safetensors header"):
+        quantize_streamed(src, tmp_path / "out", RECIPE)
+    _assert_nothing_left(tmp_path)
+
+
+def test_index_pointing_outside_the_model_is_refused_before_reading(sharded, tmp_path):
+    """A shard name climbing out of the model directory: refused naming the index, the tensor and the entry;
+    the file outside is never opened (it is not even a safetensors file) and nothing is left behind."""
+    src = _copy(sharded, tmp_path / "src")
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    _, name = _layer_shard(src, 1)
+    index["weight_map"][name] = "../secret.txt"
+    index_path.write_text(json.dumps(index))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for moequant")
+    pattern = rf"{index_path.name}: tensor {name.replace('.', '[.]')} is mapped to shard '\.\./secret\.txt', outside"
+    with pytest.raises(ShardError, match=pattern):
+        quantize_streamed(src, tmp_path / "out", RECIPE)
+    secret.unlink()
+    _assert_nothing_left(tmp_path)
+
+
+def test_nan_in_a_shard_names_the_on_disk_expert_tensor(model_dir, tmp_path):
+    """The streamed path fuses gate/up of each expert in memory; the refusal names the tensor of the shard."""
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(model_dir("qwen3_moe"), tmp_path / "src")
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    shard = src / "model.safetensors"
+    tensors = load_file(str(shard))
+    tensors[name][5, 9] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(WeightError, match=rf"^{name.replace('.', '[.]')}: 1 non-finite value.*at index \[5, 9\]"):
         quantize_streamed(src, tmp_path / "out", RECIPE)
     _assert_nothing_left(tmp_path)

@@ -13,11 +13,12 @@ LAYER_BYTES = 32 * 3 * 512 * 256 * 2   # experts x (gate, up, down) x hidden x i
 
 
 def _shallow_twin(deep: Path, shallow: Path, layers: int) -> None:
-    """The same shards (linked), a config with fewer layers: the extra layers' tensors are never read."""
+    """The same shards (hard links: a symlink out of the model directory is refused), a config with fewer
+    layers: the extra layers' tensors are never read."""
     shallow.mkdir()
     for f in deep.iterdir():
         if f.name != "config.json":
-            os.symlink(f, shallow / f.name)
+            os.link(f, shallow / f.name)
     config = json.loads((deep / "config.json").read_text())
     (shallow / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
 

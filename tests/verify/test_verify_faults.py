@@ -146,6 +146,28 @@ def test_shard_missing_from_disk(ckpt):
     _assert_caught(path, "files", ".safetensors")
 
 
+@pytest.mark.parametrize("entry", ["../elsewhere/shard.safetensors", "ABSOLUTE", "link.safetensors"])
+def test_index_entry_outside_the_checkpoint(ckpt, good, tmp_path, entry):
+    """A shard name leaving the directory (as written, or through a symlink) is refused, not read."""
+    fmt, path = ckpt
+    name = f"{EXPERT}.7.up_proj.weight_scale"
+    outside = tmp_path / "elsewhere" / "shard.safetensors"
+    outside.parent.mkdir()
+    shutil.copy(path / shard_of(path, name), outside)
+    entry = str(outside) if entry == "ABSOLUTE" else entry
+    if entry == "link.safetensors":
+        (path / entry).symlink_to(outside)
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"][name] = entry
+    index_path.write_text(json.dumps(index))
+    result = _assert_caught(path, "files", str(path))
+    assert f"tensor {name} is mapped to {entry!r}, outside" in result.failures[0].message
+    as_reference = verify(good[fmt], reference=path)  # a reference directory is refused alike
+    assert [(f.check, f.tensor) for f in as_reference.failures] == [("reference", str(path))]
+    assert "outside" in as_reference.failures[0].message
+
+
 @pytest.mark.parametrize("suffix,dtype", [("global", torch.bfloat16), ("block", torch.float16),
                                           ("data", torch.int8)])
 def test_wrong_dtype(ckpt, suffix, dtype):

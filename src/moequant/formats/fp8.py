@@ -12,6 +12,12 @@ import torch
 
 E4M3_MAX = 448.0
 E4M3_MIN_SUBNORMAL = 2.0**-9
+# Per-tensor FP8 weights decode as q * scale with |q| >= 2^-9 when non-zero: every decoded value is a normal
+# float32 iff scale = amax / 448 >= 2^-117, i.e. amax >= 448 * 2^-117 (= 7 * 2^-111, ~2.7e-33). Below it the
+# scale and the decoded values are subnormals with fewer significant bits (decoded differently by engines
+# that multiply in another order). Nothing else in FP8 weight quantization depends on the magnitude:
+# q = e4m3(w / scale) is the same for w and 2^k w (the quotient is unchanged), and there is no error search.
+MIN_WEIGHT_AMAX = E4M3_MAX * 2.0**-117
 
 
 def e4m3_positive_values(device: torch.device | str | None = None) -> torch.Tensor:

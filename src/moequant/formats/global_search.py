@@ -27,8 +27,9 @@ import torch
 
 from moequant.formats.four_over_six import four_over_six_block_scales
 from moequant.formats.mse import mse_block_scales_reference
-from moequant.formats.nvfp4 import (MIN_GLOBAL_SCALE, block_squared_error, check_finite, effective_scale, max_block_scales,
-                                     to_blocks)
+from moequant.formats.nvfp4 import (MIN_GLOBAL_SCALE, batch_amax, block_squared_error, check_finite, effective_scale,
+                                     exponent_normalized, max_block_scales, normalization_needed, restore_errors,
+                                     times_pow2, to_blocks)
 from moequant.formats.weighted_mse import channel_blocks, weighted_block_error, weighted_mse_block_scales_reference
 
 GLOBAL_FACTORS = tuple(2.0 ** (i / 8) for i in (0, -1, 1, 2, 3, 4, 5, 6))
@@ -54,11 +55,15 @@ def search_global(members: list[tuple[torch.Tensor, torch.Tensor | None]], base_
     """Best global scale ``[*B]`` (or 0-d) for a group of weights sharing it, and each member's (scales, errors).
 
     ``members``: (w ``[*B, N, K]``, channel weights or None) of every tensor of the group, same batch shape.
+    A tiny group is searched exponent-normalized (``nvfp4``) with one shift per batch index for every member
+    and candidate, so that their errors stay comparable; the scale returned is the candidate itself.
     """
     batch_dims = members[0][0].ndim - 2
+    members, shift = _normalized_group(members, base_global)
     best_total, best_global, best = None, None, None
     for g in global_candidates(base_global):
-        found = [block_search(w, g, h) for w, h in members]
+        g_search = g if shift is None else times_pow2(g, shift)
+        found = [block_search(w, g_search, h) for w, h in members]
         total = total_error(found[0][1], batch_dims)
         for _, err in found[1:]:
             total = total + total_error(err, batch_dims)
@@ -71,24 +76,44 @@ def search_global(members: list[tuple[torch.Tensor, torch.Tensor | None]], base_
         mask = better.reshape(*better.shape, 1, 1)
         best = [(torch.where(mask, s.view(torch.uint8), bs.view(torch.uint8)).view(torch.float8_e4m3fn),
                  torch.where(mask, e, be)) for (s, e), (bs, be) in zip(found, best)]
-    return best_global, best
+    return best_global, [(s, restore_errors(e, shift)) for s, e in best]
+
+
+def _normalized_group(members, base_global):
+    """Members shifted by one ``exponent_normalized`` k per batch index (capped by the largest member), and k
+    to shift each candidate global scale alike; (members, None) when none is tiny."""
+    if not normalization_needed(base_global):
+        return members, None
+    amax = batch_amax(members[0][0], base_global)
+    for w, _ in members[1:]:
+        amax = torch.maximum(amax, batch_amax(w, base_global))
+    out, k = [], None
+    for w, h in members:
+        w_n, _, k = exponent_normalized(w, base_global, amax)
+        out.append((w_n, h))
+    return out, k
 
 
 def reference_block_search(method: str) -> BlockSearch:
-    """The reference ``BlockSearch`` of a method: "max", "mse", "weighted_mse" or "four_over_six"."""
+    """The reference ``BlockSearch`` of a method: "max", "mse", "weighted_mse" or "four_over_six" (a tiny
+    tensor exponent-normalized, ``nvfp4``; its errors handed back in the caller's units)."""
     def run(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None):
         check_finite(w, "weight")
-        blocks = to_blocks(w)
-        hb = channel_blocks(h, w) if h is not None else None
-        if method == "weighted_mse":
-            return weighted_mse_block_scales_reference(blocks, g, hb)
-        if method == "four_over_six":
-            return four_over_six_block_scales(blocks, g, hb)
-        if method not in ("mse", "max"):
+        if method not in ("mse", "max", "weighted_mse", "four_over_six"):
             raise ValueError(f"unknown block-scale method {method!r}")
-        scales = mse_block_scales_reference(blocks, g)[0] if method == "mse" else max_block_scales(blocks, g)
-        scale = effective_scale(scales, g, blocks)
-        err = block_squared_error(blocks, scale) if hb is None else weighted_block_error(blocks, scale, hb)
-        return scales, err
+        hb = channel_blocks(h, w) if h is not None else None
+        w, g, k = exponent_normalized(w, g)
+        scales, err = _search_blocks(method, to_blocks(w), g, hb)
+        return scales, restore_errors(err, k)
 
     return run
+
+
+def _search_blocks(method: str, blocks: torch.Tensor, g: torch.Tensor, hb: torch.Tensor | None):
+    if method == "weighted_mse":
+        return weighted_mse_block_scales_reference(blocks, g, hb)
+    if method == "four_over_six":
+        return four_over_six_block_scales(blocks, g, hb)
+    scales = mse_block_scales_reference(blocks, g)[0] if method == "mse" else max_block_scales(blocks, g)
+    scale = effective_scale(scales, g, blocks)
+    return scales, block_squared_error(blocks, scale) if hb is None else weighted_block_error(blocks, scale, hb)

@@ -9,7 +9,8 @@ candidate: candidates are visited in ascending order and a later one replaces th
 strictly lower. The global scale comes from outside so that a group (q/k/v, an expert's gate+up) can share
 one, fixed before the search: the block scales searched are the block scales shipped.
 
-This reference loops over candidates, one vectorized pass over all blocks each; ``moequant.kernels`` has the
+A tiny tensor is searched exponent-normalized (``nvfp4.exponent_normalized``): the same scales as at any other
+magnitude. This reference loops over candidates, one vectorized pass over all blocks each; ``moequant.kernels`` has the
 fast twins that must return identical bytes.
 """
 
@@ -22,6 +23,7 @@ from moequant.formats.nvfp4 import (
     block_squared_error,
     check_finite,
     expand_global,
+    exponent_normalized,
     max_block_scales,
     to_blocks,
 )
@@ -45,8 +47,10 @@ def mse_block_scales_reference(blocks: torch.Tensor, global_scale: torch.Tensor)
 
 
 def search_block_scales_reference(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse") -> torch.Tensor:
-    """Block scales (float8_e4m3fn ``[..., N, K/16]``) of ``w [..., N, K]`` by ``method`` ("max" or "mse")."""
+    """Block scales (float8_e4m3fn ``[..., N, K/16]``) of ``w [..., N, K]`` by ``method`` ("max" or "mse"),
+    exponent-normalized (``nvfp4``'s docstring) for tiny global scales."""
     check_finite(w, "weight")
+    w, global_scale, _ = exponent_normalized(w, global_scale)
     blocks = to_blocks(w)
     if method == "max":
         return max_block_scales(blocks, global_scale)

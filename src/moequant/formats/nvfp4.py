@@ -18,13 +18,38 @@ Degenerate inputs, documented and deterministic:
   * amax == 0 (all-zero tensor or expert): global scale = 1 / 2688, i.e. as if amax were 1. All codes are 0
     and the tensor dequantizes to exact zeros.
   * global scales computed here are clamped below at 2^-126 (the smallest normal float32), so a tiny but
-    non-zero tensor never gets a zero global scale (its effective scales may still be fp32 subnormals,
-    which the arithmetic handles exactly like normals).
+    non-zero tensor never gets a zero global scale (its effective scales may still be fp32 subnormals; the
+    pipeline refuses weights that small, see ``MIN_WEIGHT_AMAX`` below).
   * block scales are clamped below at the smallest positive E4M3 value (2^-9): a zero block gets 2^-9
     instead of 0, so every stored scale is finite and > 0 (engines and our verifier require it) and the
     block still dequantizes to zeros.
 Inputs in bf16/fp16/fp32 are converted to float32 first (exact). NaN/inf are rejected by ``check_weight``, and
 so are magnitudes above ``MAX_ABS`` (1e18), whose squared errors would overflow float32 in the MSE search.
+
+Tiny tensors: exponent normalization. Multiplying by 2^k is exact in binary floating point unless the result
+overflows or is subnormal, and every step above commutes with it: for normal operands and results
+fl(2^k x * y) = 2^k fl(x * y), fl(2^k x / 2^k y) = fl(x / y), fl(2^k x - 2^k y) = 2^k fl(x - y),
+fl((2^k d)^2) = 2^2k fl(d^2). So with w' = 2^k w and g' = 2^k g: s'_j = 2^k s_j, w'/s'_j = w/s_j (same codes),
+d' = 2^k d and every candidate's block error is E'_j = 2^2k E_j: the same comparisons, hence the same E4M3
+block scales (dimensionless) and FP4 codes as fp32 arithmetic with an unbounded exponent range on (w, g),
+whenever the normalized computation has no subnormal intermediate. Without it a tiny tensor breaks: its d^2
+fall below 2^-126 (losing bits) or 2^-150 (vanishing), every candidate ties, the smallest one wins and the
+blocks saturate (measured: Gaussian weights scaled by 2^-64 change a few codes, by 2^-72 every block; at
+amax ~ 1e-30 the relative squared error is ~1.0 instead of ~0.007).
+The rule (``exponent_normalized``), per batch index whose global scale g is finite and 0 < g < 2^-36:
+k = -12 - floor(log2 g), so g' is in [2^-12, 2^-11) (amax' ~ 1 for g = amax / 2688), capped so that the
+batch's magnitudes stay below 2^60 (their squares finite); other batch indices keep k = 0, and a tensor with
+no such index is used as is (no copy: real weights never get there; the first code change measured is at
+g ~ 2^-78, 42 octaves below the threshold). Errors handed back are 2^-2k E' rounded once to float32 (via
+float64), i.e. the errors of (w, g) in the units of the caller. Every search and error function that takes a
+weight ``w`` (here, in ``mse``, ``weighted_mse``, ``global_search`` and ``kernels/``) applies the rule;
+functions taking ``blocks`` compute on what they are given. The global scale shipped is g, from the original
+amax. ``quantize_nvfp4`` (the codes written) divides w by fl(block_scale * g) as is: the normalized codes
+whenever that product is normal. Decoded values are code * fl(block_scale * g); all of them are normal fp32
+(as the exactness above assumes, and as engines multiplying in any order agree on) iff 0.5 * 2^-9 * g >=
+2^-126, i.e. g >= 2^-116, and the global-scale search may lower g by 2^-1/8: ``MIN_WEIGHT_AMAX`` =
+2688 * 2^-115 (~6.5e-32, g >= 2^-115) is the smallest non-zero weight amax the pipeline accepts
+(``quantize.check_target_amax``); then the compressed-tensors inverse 2688 / amax <= 2^115 is finite too.
 
 Every division is by a tensor, never a Python number: on CUDA, PyTorch turns ``x / 6.0`` into a multiply by
 a rounded reciprocal, which differs from IEEE division in the last bit for about a third of inputs.
@@ -44,6 +69,10 @@ BLOCK_SIZE = 16
 GLOBAL_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688
 MIN_GLOBAL_SCALE = 2.0**-126
 MAX_ABS = 1e18
+MIN_WEIGHT_AMAX = GLOBAL_DIVISOR * 2.0**-115  # = 21 * 2^-108 exactly; see the module docstring
+NORMALIZE_BELOW = 2.0**-36    # global scales below this are searched exponent-normalized
+NORMAL_EXPONENT = -12         # ... to g' in [2^-12, 2^-11)
+_SHIFTED_LIMIT_EXP = 60       # normalized magnitudes stay below 2^60
 
 
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -93,6 +122,70 @@ def check_finite(w: torch.Tensor, name: str) -> None:
     """Raise ``WeightError`` naming ``name`` if ``w`` holds NaN or inf (the searches' own guard; ``check_weight``
     also bounds the magnitude and the shape, for the pipeline)."""
     _finite_range(w, name)
+
+
+def _needs_shift(gs: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(gs) & (gs > 0) & (gs < NORMALIZE_BELOW)
+
+
+def normalization_needed(global_scale: torch.Tensor) -> bool:
+    """Whether ``exponent_normalized`` would shift any batch index of this global scale."""
+    return bool(_needs_shift(torch.as_tensor(global_scale, dtype=torch.float32)).any())
+
+
+def batch_amax(w: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """float32 max |w| per batch index of ``global_scale`` (``[*B]``; one value for a scalar)."""
+    gs = torch.as_tensor(global_scale)
+    batch = tuple(gs.shape) if gs.numel() > 1 else ()
+    if w.numel() == 0:
+        return torch.zeros(batch, dtype=torch.float32, device=w.device)
+    low, high = torch.aminmax(w.reshape(*batch, -1) if batch else w.reshape(-1), dim=-1)
+    return torch.maximum(-low, high).to(torch.float32)
+
+
+def _pow2(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 factors whose product is 2^k (int k in [0, 254]), each an exact power of two built from its
+    exponent bits (no library exp2 whose exactness would need proof)."""
+    half = torch.div(k, 2, rounding_mode="floor")
+    return tuple(((e.to(torch.int32) + 127) << 23).view(torch.float32) for e in (half, k - half))
+
+
+def exponent_normalized(w: torch.Tensor, global_scale: torch.Tensor, amax: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(w', g', k)`` by the module docstring's rule: ``w' = 2^k w`` (float32) and ``g' = 2^k g`` per batch index
+    of the global scale (``[*B]`` or a scalar shared by all), ``k`` int32 shaped like ``g``. When no index
+    needs it: ``(w, global_scale, None)``, untouched. ``amax`` (per batch index, optional) caps k instead of
+    ``w``'s own magnitudes: a group shares one k (``global_search``)."""
+    gs = torch.as_tensor(global_scale).to(device=w.device, dtype=torch.float32)
+    need = _needs_shift(gs)
+    if not bool(need.any()):
+        return w, global_scale, None
+    batch = tuple(gs.shape) if gs.numel() > 1 else ()
+    if tuple(w.shape[:len(batch)]) != batch or w.ndim < len(batch) + 2:
+        return w, global_scale, None  # a shape mismatch: the caller's own checks say so
+    if amax is None:
+        amax = batch_amax(w, gs)
+    amax = amax.to(device=w.device, dtype=torch.float32).reshape(gs.shape if gs.numel() > 1 else ())
+    k = (NORMAL_EXPONENT + 1 - torch.frexp(gs)[1]).clamp_min(0)   # floor(log2 g) = frexp exponent - 1
+    k = torch.minimum(k, torch.where(amax > 0, _SHIFTED_LIMIT_EXP - torch.frexp(amax)[1], k))
+    k = torch.where(need, k.clamp_min(0), torch.zeros_like(k))
+    return times_pow2(w.to(torch.float32), k), times_pow2(gs, k), k
+
+
+def times_pow2(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """float32 ``x * 2^k`` (a new tensor), k int ``>= 0`` broadcasting over x's leading dimensions: exact while
+    the result is finite (scaling up never rounds, subnormal inputs included)."""
+    f1, f2 = _pow2(k)
+    shape = k.shape + (1,) * (x.ndim - k.ndim)
+    return (x.to(torch.float32) * f1.reshape(shape)).mul_(f2.reshape(shape))
+
+
+def restore_errors(errors: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+    """Per-block errors ``[*B, ...]`` of a normalized search back in the caller's units: ``fl32(2^-2k E')``."""
+    if k is None:
+        return errors
+    scale = ((1023 - 2 * k.to(torch.int64)) << 52).view(torch.float64)  # 2^-2k, exact (k <= 137 here)
+    return (errors.to(torch.float64) * scale.reshape(k.shape + (1,) * (errors.ndim - k.ndim))).to(torch.float32)
 
 
 def to_blocks(w: torch.Tensor) -> torch.Tensor:
@@ -183,6 +276,7 @@ def fake_quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale
 
 
 def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
-    """Per-block squared error ``[..., N, K/16]`` of ``w`` with the given scales."""
+    """Per-block squared error ``[..., N, K/16]`` of ``w`` with the given scales (exponent-normalized)."""
+    w, global_scale, k = exponent_normalized(w, global_scale)
     blocks = to_blocks(w)
-    return block_squared_error(blocks, effective_scale(block_scale, global_scale, blocks))
+    return restore_errors(block_squared_error(blocks, effective_scale(block_scale, global_scale, blocks)), k)

@@ -12,7 +12,8 @@ every step a separately rounded fp32 operation (no fused multiply-add), summed l
 the first term. The search is ``mse``'s: all 126 positive finite E4M3 candidates in ascending order, a later
 one replaces the best only if its weighted error is strictly lower (ties go to the smaller candidate; a NaN
 error never wins; if no error is finite the answer is the smallest candidate). The global scale comes from
-outside (group-shared, fixed before the search) exactly as for ``mse``.
+outside (group-shared, fixed before the search) exactly as for ``mse``, and a tiny tensor is searched
+exponent-normalized as there (``nvfp4.exponent_normalized``: every term, weighted or not, scales by 2^2k).
 
 Channel weights: ``h`` is float32 ``[K]`` (one per input channel, shared by every row and batch index) or
 ``[*B, K]`` (one vector per leading batch index, e.g. per expert of a fused ``[E, N, K]`` weight). It must be
@@ -28,7 +29,8 @@ import torch
 
 from moequant.formats.fp4 import decode_e2m1
 from moequant.formats.fp8 import e4m3_positive_values
-from moequant.formats.nvfp4 import BLOCK_SIZE, WeightError, expand_global, quantize_blocks, to_blocks
+from moequant.formats.nvfp4 import (BLOCK_SIZE, WeightError, expand_global, exponent_normalized, quantize_blocks,
+                                     restore_errors, to_blocks)
 
 
 def check_channel_weights(h: torch.Tensor, w: torch.Tensor, name: str) -> None:
@@ -80,12 +82,16 @@ def weighted_mse_block_scales_reference(blocks: torch.Tensor, global_scale: torc
 def search_weighted_reference(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Weighted-MSE block scales (float8_e4m3fn ``[..., N, K/16]``) of ``w [..., N, K]`` with channel weights h."""
     check_channel_weights(h, w, "weight")
-    return weighted_mse_block_scales_reference(to_blocks(w), global_scale, channel_blocks(h, w))[0]
+    hb = channel_blocks(h, w)
+    w, global_scale, _ = exponent_normalized(w, global_scale)
+    return weighted_mse_block_scales_reference(to_blocks(w), global_scale, hb)[0]
 
 
 def weighted_weight_error(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor,
                           h: torch.Tensor) -> torch.Tensor:
-    """Per-block weighted squared error ``[..., N, K/16]`` of ``w`` with the given scales."""
+    """Per-block weighted squared error ``[..., N, K/16]`` of ``w`` with the given scales (exponent-normalized)."""
+    hb = channel_blocks(h, w)
+    w, global_scale, k = exponent_normalized(w, global_scale)
     blocks = to_blocks(w)
     scale = block_scale.to(torch.float32).unsqueeze(-1) * expand_global(global_scale, blocks)
-    return weighted_block_error(blocks, scale, channel_blocks(h, w))
+    return restore_errors(weighted_block_error(blocks, scale, hb), k)

@@ -155,37 +155,47 @@ def search_weighted_with_errors(
 
 def block_search(method: str, backend: str = "auto"):
     """A ``formats.global_search.BlockSearch`` for ``method`` on the fast paths, bit-identical to
-    ``formats.global_search.reference_block_search(method)``; ``.backends`` collects the backends used."""
-    from moequant.formats import four_over_six as fos
-    from moequant.formats.nvfp4 import to_blocks
-    from moequant.formats.weighted_mse import channel_blocks, weighted_weight_error
+    ``formats.global_search.reference_block_search(method)``; ``.backends`` collects the backends used. A tiny
+    tensor is exponent-normalized once here (``formats.nvfp4``), so that four-over-six compares its errors in
+    normalized units, as the reference does."""
+    from moequant.formats.nvfp4 import exponent_normalized, restore_errors
 
     used: set[str] = set()
 
     def run(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None):
-        if method == "four_over_six":  # formats.four_over_six's choice, errors from the fast twins
-            four = fos.divisor_block_scales(to_blocks(w), g, fos.FOUR)
-            if h is None:
-                six, err6, b = search_block_scales_with_errors(w, g, "max", backend)
-                err4 = weight_squared_error(w, g, four)
-            else:  # the plain errors of the search would be thrown away: scales only
-                six, b = search_block_scales(w, g, "max", backend)
-                err6, err4 = weighted_weight_error(w, g, six, h), weighted_weight_error(w, g, four, h)
-            used.add(b)
-            better = err4 < err6  # a tie keeps "max"
-            bits = torch.where(better, four.view(torch.uint8), six.view(torch.uint8))
-            return bits.view(torch.float8_e4m3fn), torch.where(better, err4, err6)
-        if method == "weighted_mse":
-            scales, b = search_weighted_block_scales(w, g, h, backend)
-        elif method in ("mse", "max"):
-            scales, err, b = search_block_scales_with_errors(w, g, method, backend)
-            used.add(b)
-            if h is None:
-                return scales, err
-        else:
+        if method not in ("four_over_six", "weighted_mse", "mse", "max"):
             raise ValueError(f"unknown block-scale method {method!r}")
-        used.add(b)
-        return scales, weighted_weight_error(w, g, scales, h)
+        w, g, shift = exponent_normalized(w, g)
+        scales, errors = _block_search_normalized(method, backend, used, w, g, h)
+        return scales, restore_errors(errors, shift)
 
     run.backends = used
     return run
+
+
+def _block_search_normalized(method: str, backend: str, used: set[str], w, g, h):
+    from moequant.formats import four_over_six as fos
+    from moequant.formats.nvfp4 import to_blocks
+    from moequant.formats.weighted_mse import weighted_weight_error
+
+    if method == "four_over_six":  # formats.four_over_six's choice, errors from the fast twins
+        four = fos.divisor_block_scales(to_blocks(w), g, fos.FOUR)
+        if h is None:
+            six, err6, b = search_block_scales_with_errors(w, g, "max", backend)
+            err4 = weight_squared_error(w, g, four)
+        else:  # the plain errors of the search would be thrown away: scales only
+            six, b = search_block_scales(w, g, "max", backend)
+            err6, err4 = weighted_weight_error(w, g, six, h), weighted_weight_error(w, g, four, h)
+        used.add(b)
+        better = err4 < err6  # a tie keeps "max"
+        bits = torch.where(better, four.view(torch.uint8), six.view(torch.uint8))
+        return bits.view(torch.float8_e4m3fn), torch.where(better, err4, err6)
+    if method == "weighted_mse":
+        scales, b = search_weighted_block_scales(w, g, h, backend)
+    else:
+        scales, err, b = search_block_scales_with_errors(w, g, method, backend)
+        used.add(b)
+        if h is None:
+            return scales, err
+    used.add(b)
+    return scales, weighted_weight_error(w, g, scales, h)

@@ -1,6 +1,7 @@
 """Vectorized torch twin of ``moequant.formats.mse.search_block_scales_reference`` (any device).
 
-Same contract, bit-identical float8_e4m3fn block scales. Work is done per batch index (expert) and per chunk
+Same contract, bit-identical float8_e4m3fn block scales; a tiny tensor is exponent-normalized first with the
+reference's own function (``nvfp4.exponent_normalized``), and the proof below is about the normalized tensor. Work is done per batch index (expert) and per chunk
 of blocks (``BLOCKS_PER_CHUNK``), element-major (``[16, n]``), on worker threads (``_cpu_workers``). "mse"
 evaluates, per block, only a window of candidates that provably contains the reference's answer (9 of 126
 on real weights, more for under 1% of blocks), each with the reference's exact fp32 arithmetic
@@ -68,6 +69,8 @@ from moequant.formats.nvfp4 import (
     block_squared_error,
     check_finite,
     expand_global,
+    exponent_normalized,
+    restore_errors,
 )
 
 NUM_CANDIDATES = 126
@@ -366,6 +369,7 @@ def _search(w: torch.Tensor, global_scale: torch.Tensor, method: str, want_error
         raise ValueError(f"unknown block-scale method {method!r}; expected one of {METHODS}")
     check_finite(w, "weight")  # NaN / inf: a clear WeightError, not an index error inside
     w = w.detach()  # worker threads do not inherit the caller's no_grad mode
+    w, global_scale, shift = exponent_normalized(w, global_scale)  # tiny tensors: nvfp4's docstring
     flat, global_f32, out_shape = _batched_blocks(w, global_scale)  # [batch, nb, 16], [batch]
     out = torch.empty(flat.shape[:2], dtype=torch.uint8, device=w.device)  # [batch, nb] E4M3 bits
     errors = torch.empty(flat.shape[:2], dtype=torch.float32, device=w.device) if want_errors else None
@@ -397,7 +401,7 @@ def _search(w: torch.Tensor, global_scale: torch.Tensor, method: str, want_error
         width += sum(mapper(run, items))
     num_blocks = max(flat.shape[0] * flat.shape[1], 1)
     scales = out.view(torch.float8_e4m3fn).reshape(out_shape)
-    return scales, (errors.reshape(out_shape) if want_errors else None), width / num_blocks
+    return scales, (restore_errors(errors.reshape(out_shape), shift) if want_errors else None), width / num_blocks
 
 
 def search_block_scales_with_stats(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse"):
@@ -423,6 +427,7 @@ def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scal
     """Twin of ``nvfp4.weight_squared_error``: per-block fp32 squared error ``[..., N, K/16]``, same bits."""
     check_finite(w, "weight")
     w = w.detach()  # worker threads do not inherit the caller's no_grad mode
+    w, global_scale, shift = exponent_normalized(w, global_scale)
     flat, global_f32, out_shape = _batched_blocks(w, global_scale)  # [batch, nb, 16], [batch]
     block_f32 = block_scale.to(torch.float32).reshape(flat.shape[:2])  # [batch, nb]
     out = torch.empty(flat.shape[:2], dtype=torch.float32, device=w.device)
@@ -439,4 +444,4 @@ def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scal
 
     with _cpu_workers(w.device) as mapper:
         list(mapper(run, items))
-    return out.reshape(out_shape)
+    return restore_errors(out.reshape(out_shape), shift)

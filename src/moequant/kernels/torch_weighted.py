@@ -1,6 +1,7 @@
 """Vectorized torch twin of ``formats.weighted_mse`` (any device): bit-identical weighted-MSE block scales.
 
-Like ``torch_mse`` it works per batch index and per chunk of blocks, element-major (``[16, n]``), and scans
+A tiny tensor is exponent-normalized first (``nvfp4.exponent_normalized``, as the reference does). Like
+``torch_mse`` it works per batch index and per chunk of blocks, element-major (``[16, n]``), and scans
 per block only a window of candidates that provably contains the reference's answer, each candidate with the
 reference's exact fp32 ops (``weighted_error_f32``). Notation as in ``torch_mse``: ``s_j = fl(c_j * g)``,
 ``E_j`` the reference's weighted error at ``s_j``, ``m`` the block's "max" candidate, ``U = E_m``; weights
@@ -28,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from moequant.formats.fp8 import E4M3_MIN_SUBNORMAL, e4m3_positive_values, round_to_e4m3
-from moequant.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, check_finite, expand_global
+from moequant.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, check_finite, expand_global, exponent_normalized
 from moequant.formats.weighted_mse import check_channel_weights, weighted_mse_block_scales_reference
 from moequant.kernels.torch_mse import _cpu_workers, e2m1_magnitude_f32
 
@@ -127,7 +128,7 @@ def search_weighted(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor
     """Twin of ``formats.weighted_mse.search_weighted_reference``: float8_e4m3fn ``[..., N, K/16]``."""
     check_finite(w, "weight")
     check_channel_weights(h, w, "weight")
-    w = w.detach()
+    w, global_scale, _ = exponent_normalized(w.detach(), global_scale)  # tiny tensors: nvfp4's docstring
     blocks = w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)  # [*B, N, K/16, 16]
     batch_shape = blocks.shape[:-3]
     global_f32 = expand_global(global_scale, blocks).expand(*batch_shape, 1, 1, 1).reshape(-1).to(w.device)

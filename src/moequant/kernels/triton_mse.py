@@ -34,7 +34,9 @@ k7 = min{k : A < (7 - 2^-22) s_k} <= kA (both exact compares in fp64; the second
   Guards: if s_{k1} < 2^-125 or fl(448 gs) is not finite the window runs up to 125; A == 0 gives k = 0 (all
   errors are 0). The window starts at [kA-2, k1+7] (about 9 candidates, k7 being 1-2 below kA) and grows down
   one candidate at a time until the lower bound excludes the rest (10-15% of blocks on normal/Student-t data).
-Memory: the weight is read in place (a copy only if non-contiguous); outputs are O(#blocks).
+Memory: the weight is read in place (a copy only if non-contiguous, or a float32 copy of a tiny tensor, which is
+searched exponent-normalized as ``formats.nvfp4`` prescribes; that path has not run on a GPU yet); outputs are
+O(#blocks).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import triton
 import triton.language as tl
 
 from moequant.formats.mse import METHODS
-from moequant.formats.nvfp4 import BLOCK_SIZE, MIN_GLOBAL_SCALE, check_finite
+from moequant.formats.nvfp4 import BLOCK_SIZE, MIN_GLOBAL_SCALE, check_finite, exponent_normalized, restore_errors
 from moequant.formats.weighted_mse import check_channel_weights
 
 BLOCK_B = 32  # NVFP4 blocks per program (one per lane): one warp, so loop counts are per-warp maxima
@@ -424,6 +426,9 @@ def _wait_for_compile(device: torch.device) -> None:
 def _launch(w, global_scale, method, return_codes, return_errors, return_base, low_margin, wait=True, h=None):
     if wait:
         _wait_for_compile(w.device)
+    # a tiny tensor is searched as 2^k w (a float32 copy) with 2^k g, the reference's own rule (formats.nvfp4);
+    # NOT RUN ON A GPU YET: written to the CPU twins' pattern, the parity tests below cover it on the lent GPU
+    w, global_scale, shift = exponent_normalized(w, global_scale)
     gs = _check_inputs(w, global_scale, "mse" if method == "weighted_mse" else method)
     w_c = w.contiguous()
     n_blocks = w.numel() // BLOCK_SIZE
@@ -444,6 +449,6 @@ def _launch(w, global_scale, method, return_codes, return_errors, return_base, l
                              enable_fp_fusion=False)
     out_scales = scales.view(torch.float8_e4m3fn).reshape(*w.shape[:-1], w.shape[-1] // BLOCK_SIZE)
     out_codes = codes.view(torch.uint8).reshape(*w.shape[:-1], w.shape[-1] // 2) if return_codes else None
-    out_err = errors.reshape(out_scales.shape) if return_errors else None
-    out_base = base.reshape(out_scales.shape) if return_base else None
+    out_err = restore_errors(errors.reshape(out_scales.shape), shift) if return_errors else None
+    out_base = restore_errors(base.reshape(out_scales.shape), shift) if return_base else None
     return out_scales, out_codes, out_err, out_base

@@ -19,7 +19,8 @@ Checks, each failure naming the tensor and the check:
 With ``engine="vllm"``: also the loader contract of vLLM 0.26.0 (``engine_vllm.py``, checks ``vllm_*``): what
 vLLM's weight loader asks for, how its exclude rules resolve, w1/w3 scales, input scales, KV-scale renaming.
 With ``reference`` (the original model directory): relative weight error per tensor / layer / expert with
-outliers flagged, unquantized tensors identical, no tensor missing.
+outliers flagged (warnings) and wrong tensors failed (``relative_error`` >= 0.5, see ``reference.py``),
+unquantized tensors identical, no tensor missing.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from moequant.verify import checks
 from moequant.verify.decode import Checkpoint, CheckpointError
 from moequant.verify.engine_vllm import check_vllm
-from moequant.verify.reference import ErrorAccumulator, check_unquantized
+from moequant.verify.reference import ErrorAccumulator, check_unquantized, fail_wrong_tensors
 from moequant.verify.report import ErrorReport, Failure, VerifyResult
 from moequant.verify.spec import FormatSpec, expected_experts, parse_spec
 
@@ -141,6 +142,7 @@ def _verify(ckpt: Checkpoint, path, reference, result: VerifyResult) -> VerifyRe
     if errors is not None:
         check_unquantized(ckpt, errors.reference, set(inv.quantized), result)
         result.errors = errors.report()
+        fail_wrong_tensors(result.errors, result)
         errors.reference.close()
         result.warnings += [f"outlier relative error {result.errors.per_tensor[m]:.4f}: {m}"
                             for m in result.errors.outliers]

@@ -26,7 +26,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import safe_open
@@ -81,17 +81,42 @@ def read_header(path: Path) -> dict:
 
 
 def shard_files(path: Path) -> tuple[dict[str, str] | None, list[str]]:
-    """(weight_map from the index or None, shard file names)."""
+    """(weight_map from the index or None, shard file names); every name must stay inside ``path``."""
     index = path / INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{INDEX_NAME}: unreadable weight_map ({err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+            raise CheckpointError(f"{INDEX_NAME}: weight_map is not an object of tensor name -> shard file name")
+        for name, file in sorted(weight_map.items()):
+            why = _outside(path, file)
+            if why is not None:
+                raise CheckpointError(f"{INDEX_NAME}: tensor {name} is mapped to {file!r}, outside {path} ({why}); "
+                                      "refusing to read it")
         return weight_map, sorted(set(weight_map.values()))
     if (path / SINGLE_NAME).is_file():
         return None, [SINGLE_NAME]
     raise CheckpointError(f"{path}: neither {INDEX_NAME} nor {SINGLE_NAME}; not a safetensors checkpoint")
+
+
+def _outside(path: Path, file: str) -> str | None:
+    """Why ``file`` (a name from the index) would be read from outside the directory ``path``, or None. Inside a
+    Hugging Face cache snapshot (``<repo>/snapshots/<rev>``), ``<repo>/blobs`` counts as inside."""
+    if "\x00" in file:
+        return "a NUL byte in the name"
+    if PurePosixPath(file).is_absolute() or PureWindowsPath(file).anchor:
+        return "an absolute path"
+    if ".." in PurePosixPath(file).parts or ".." in PureWindowsPath(file).parts:
+        return "'..' in the name"
+    root = path.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    try:
+        resolved = (path / file).resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        return f"does not resolve ({err})"
+    return None if any(resolved.is_relative_to(r) for r in roots) else f"a link resolving to {resolved}"
 
 
 class Checkpoint:
