@@ -1,9 +1,12 @@
 """Per-layer progress of a streamed run, kept next to the output so that a killed run can continue.
 
 Directory ``<parent>/.<output name>.moequant-partial/`` (same filesystem as the output):
-    journal.json              {"fingerprint": {...}, "parts": {part: {"file", "tensors": [[name, dtype, shape]]}}}
-    part-<name>.safetensors   the exported tensors of one finished part ("rest" = outside the layers,
-                              "layer-00003" = decoder layer 3)
+    journal.json              {"fingerprint": {...}, "parts": {part: {"files": [...],
+                                                                  "shards": [[[name, dtype, shape], ...], ...]}}}
+    part-<name>-<j>.safetensors  the exported tensors of one finished part ("rest" = outside the layers,
+                              "layer-00003" = decoder layer 3), written as the checkpoint's own shards
+                              (``writer.part_shards``): the final checkpoint links these files, it does not
+                              write them again
     part-<name>.pt            what the final report and configs need from that part (scales without the
                               block scales, coverage records, KV scales, backends): small
 A part is recorded in journal.json (rewritten atomically with ``os.replace``) only after both of its files are
@@ -24,6 +27,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -34,6 +38,7 @@ from moequant.export.outdir import output_lock, reported_os_errors
 from moequant.export.writer import ExportError, TensorSpec, write_safetensors
 
 JOURNAL = "journal.json"
+JOURNAL_LAYOUT = 2   # 2: a part is a list of final shard files
 PARTIAL_SUFFIX = ".moequant-partial"
 
 
@@ -59,7 +64,7 @@ def _sha(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
-def fingerprint(model_dir: Path, shard_files: list[Path], recipe: dict, calib, fmt: str) -> dict:
+def fingerprint(model_dir: Path, shard_files: list[Path], recipe: dict, calib, fmt: str, max_shard_bytes: int) -> dict:
     from moequant import __version__
 
     calib_id = repr(calib)
@@ -70,6 +75,7 @@ def fingerprint(model_dir: Path, shard_files: list[Path], recipe: dict, calib, f
                   "index": _sha(model_dir / "model.safetensors.index.json"),
                   "shards": {p.name: p.stat().st_size for p in shard_files}},
         "recipe": recipe, "calibration": calib_id, "format": fmt, "moequant": __version__,
+        "journal": JOURNAL_LAYOUT, "max_shard_bytes": max_shard_bytes,
     }
 
 
@@ -115,24 +121,31 @@ class Journal:
     def done(self, part: str) -> bool:
         return part in self.parts
 
-    def record(self, part: str, tensors: dict[str, torch.Tensor], summary: dict) -> None:
-        """Write one finished part (its exported tensors and its summary), then list it in the journal."""
-        file = f"part-{part}.safetensors"
-        specs = [TensorSpec(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()]
+    def record(self, part: str, shards: list[list[TensorSpec]], summary: dict) -> None:
+        """Write one finished part (its shards, as the checkpoint will hold them, and its summary), then list it
+        in the journal."""
+        files = [f"part-{part}-{j:03d}.safetensors" for j in range(len(shards))]
         buffer = io.BytesIO()
         torch.save(summary, buffer)   # into memory: torch's own file writer turns OS errors into RuntimeError
         with reported_os_errors(self.out_dir):
-            write_safetensors(self.dir / file, specs)
+            for file, shard in zip(files, shards):
+                write_safetensors(self.dir / file, shard)
             (self.dir / f"part-{part}.pt").write_bytes(buffer.getvalue())
-            self.parts[part] = {"file": file, "tensors": [[n, str(t.dtype).split(".")[1], list(t.shape)]
-                                                          for n, t in tensors.items()]}
+            self.parts[part] = {"files": files, "shards": [[[s.name, str(s.dtype).split(".")[1], list(s.shape)]
+                                                            for s in shard] for shard in shards]}
             self._save()
+
+    def shard_files(self, part: str) -> list[tuple[Path, list[tuple[str, int]]]]:
+        """(file, [(tensor name, bytes)]) of each shard of ``part``, in checkpoint order."""
+        out = []
+        for file, shard in zip(self.parts[part]["files"], self.parts[part]["shards"]):
+            sizes = [(name, math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size())
+                     for name, dtype, shape in shard]
+            out.append((self.dir / file, sizes))
+        return out
 
     def summary(self, part: str) -> dict:
         return torch.load(self.dir / f"part-{part}.pt", weights_only=False)
-
-    def tensor_file(self, part: str) -> Path:
-        return self.dir / self.parts[part]["file"]
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

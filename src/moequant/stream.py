@@ -12,8 +12,9 @@
 
 The checkpoint is byte-identical to ``pipeline.quantize`` + ``export.export`` on the loaded model: the same
 functions compute the same values in the same order, the writer plans the same shards from the same names,
-shapes and dtypes. Memory: one decoder layer + the calibration activations + the non-layer tensors; the final
-assembly holds one output shard (``max_shard_bytes``) at a time.
+shapes and dtypes, and a shard never spans two parts (``export.part_specs``): each finished layer's shards are
+journaled as the checkpoint's own files, and the final assembly links them in (no byte is written twice).
+Memory: one decoder layer + the calibration activations + the non-layer tensors.
 
 Resume (``journal.py``): every finished part is journaled in ``<parent>/.<name>.moequant-partial``; running the
 same command again replays the finished layers' forward (their outputs are the next layers' inputs; nothing is
@@ -32,15 +33,15 @@ import torch
 
 from moequant.discover import decoder_layers, text_config
 from moequant.distributed import Ranks
-from moequant.export import FORMATS, checkpoint_extras, tensor_specs
+from moequant.export import FORMATS, checkpoint_extras, part_specs
+from moequant.export.common import check_exportable
 from moequant.export.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     ExportError,
-    TensorSpec,
     _check_target,
+    link_checkpoint,
     natural_key,
-    owned,
-    write_checkpoint,
+    part_shards,
 )
 from moequant.journal import Journal, fingerprint, partial_dir
 from moequant.kv_cache import KVObservationError, kv_cache_scales
@@ -81,6 +82,7 @@ class _Stream:
     layers_resumed: int = 0
     ranks: Ranks | None = None          # under torch.distributed; rank 0 alone journals and writes
     done: frozenset = frozenset()       # journaled parts (rank 0's journal, broadcast)
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 
     @property
     def writer(self) -> bool:
@@ -110,17 +112,18 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
     if ranks is not None and not ranks.writer:   # the other ranks compute and send; they write nothing
         with torch.no_grad():
             _calibrate_and_journal(model_dir, source, None, recipe, fmt, calib, tokenizer, device, batch_size,
-                                   backend, progress, ranks, trust_remote_code)
+                                   backend, progress, ranks, trust_remote_code, max_shard_bytes)
         return None
-    print_ = fingerprint(model_dir, source.files(), recipe.to_dict(), calib, fmt)
+    print_ = fingerprint(model_dir, source.files(), recipe.to_dict(), calib, fmt, max_shard_bytes)
     journal = Journal(partial_dir(out_dir), print_, overwrite)
     keep = False
     try:
         with torch.no_grad():
             stream, state = _calibrate_and_journal(model_dir, source, journal, recipe, fmt, calib, tokenizer,
-                                                   device, batch_size, backend, progress, ranks, trust_remote_code)
+                                                   device, batch_size, backend, progress, ranks, trust_remote_code,
+                                                   max_shard_bytes)
         with _stage(stream.run, "write"):
-            _write(stream, state, out_dir, model_dir, recipe, overwrite, max_shard_bytes)
+            _write(stream, state, out_dir, model_dir, recipe, overwrite)
     except KeyboardInterrupt:   # interrupted, not wrong: the next run continues (errors leave nothing behind)
         keep = any(p.startswith("layer") for p in journal.parts)
         raise
@@ -135,7 +138,8 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
 
 
 def _calibrate_and_journal(model_dir, source, journal, recipe, fmt, calib, tokenizer, device, batch_size,
-                           backend, progress, ranks=None, trust_remote_code=False) -> tuple[_Stream, QuantState | None]:
+                           backend, progress, ranks=None, trust_remote_code=False,
+                           max_shard_bytes=DEFAULT_MAX_SHARD_BYTES) -> tuple[_Stream, QuantState | None]:
     model = meta_model(model_dir, source, trust_remote_code)
     layers_path, layers = decoder_layers(model)
     load_into(model, source, "", exclude_prefix=layers_path + ".")
@@ -151,7 +155,8 @@ def _calibrate_and_journal(model_dir, source, journal, recipe, fmt, calib, token
         if batches:
             check_uniform_layer_arguments(model, layers_path, layers)
     done = frozenset(journal.parts) if journal is not None else frozenset()
-    stream = _Stream(run, journal, source, fmt, ranks=ranks, done=ranks.broadcast(done) if ranks else done)
+    stream = _Stream(run, journal, source, fmt, ranks=ranks, done=ranks.broadcast(done) if ranks else done,
+                     max_shard_bytes=max_shard_bytes)
     if ranks is not None:
         batches = ranks.my_batches(batches)
     inputs = []
@@ -172,9 +177,9 @@ def _rest_part(stream: _Stream) -> None:
     run = stream.run
     if "rest" in stream.done:
         return
-    sub = QuantState(run.plan.with_targets((), run.plan.excluded), {}, "torch", run.recipe.weights.method)
-    specs = tensor_specs(run.model, sub, stream.fmt, prefix="", exclude_prefix=run.layers_path + ".")
-    stream.journal.record("rest", {s.name: owned(s) for s in specs}, {})
+    state = QuantState(run.plan, {}, "torch", run.recipe.weights.method)   # streaming: no targets out there
+    specs = part_specs(run.model, state, stream.fmt, run.layers_path, None)
+    stream.journal.record("rest", part_shards(specs, stream.max_shard_bytes), {})
 
 
 def _layer(stream: _Stream, i: int, inputs: list) -> None:
@@ -194,7 +199,7 @@ def _layer(stream: _Stream, i: int, inputs: list) -> None:
         _calibrate_layer(run, i, inputs, stream.ranks)
         if stream.writer:
             with _stage(run, "export"):
-                _export_layer(stream, part, path, targets)
+                _export_layer(stream, part, i, targets)
     finally:
         free(layer)
     if os.environ.get(KILL_AFTER_LAYER_ENV) == str(i):
@@ -226,19 +231,21 @@ def _layer_kv(run: _Run, path: str) -> dict[str, KVScales]:
     return out
 
 
-def _export_layer(stream: _Stream, part: str, path: str, targets: list[Target]) -> None:
-    run = stream.run
+def _export_layer(stream: _Stream, part: str, i: int, targets: list[Target]) -> None:
+    run, path = stream.run, stream.run.layer_path(i)
     _fill_input_scales(run, targets)
     kv = _layer_kv(run, path)
     keys = [t.key for t in targets]
     sub = QuantState(run.plan.with_targets(tuple(targets), run.plan.excluded), {k: run.tensors[k] for k in keys},
                      ",".join(sorted(run.backends)) or "torch", run.recipe.weights.method, kv, run.kv)
-    specs = tensor_specs(run.model, sub, stream.fmt, prefix=path + ".")
+    if targets:
+        check_exportable(sub)
+    specs = part_specs(run.model, sub, stream.fmt, run.layers_path, i)
     for k in keys:
         run.tensors[k] = _light(run.tensors[k])
     summary = {"tensors": {k: run.tensors[k] for k in keys}, "kv": kv, "backends": sorted(run.backends),
                "coverage": [c for c in run.report.coverage if c.path.startswith(path + ".")]}
-    stream.journal.record(part, {s.name: owned(s) for s in specs}, summary)
+    stream.journal.record(part, part_shards(specs, stream.max_shard_bytes), summary)
     stream.kv_scales.update(kv)
 
 
@@ -266,16 +273,13 @@ def _final_state(stream: _Stream) -> QuantState:
     return state
 
 
-def _write(stream: _Stream, state: QuantState, out_dir: Path, model_dir: Path, recipe: Recipe, overwrite: bool,
-           max_shard_bytes: int) -> Path:
-    """The final shards from the journal's parts (same names, shapes, dtypes and order as ``export``)."""
+def _write(stream: _Stream, state: QuantState, out_dir: Path, model_dir: Path, recipe: Recipe,
+           overwrite: bool) -> Path:
+    """The checkpoint from the journal's parts: their shard files are the final ones (``part_shards``, as
+    ``export`` writes them), linked in under their final names; configs and copied files added."""
     journal = stream.journal
-    where = {name: journal.parts[part]["file"] for part in journal.parts
-             for name, _, _ in journal.parts[part]["tensors"]}
-    parts = SafetensorsSource.of_files(journal.dir, where)
-    specs = [TensorSpec(name, tuple(shape), getattr(torch, dtype), lambda n=name: parts.get(n))
-             for part in journal.parts.values() for name, dtype, shape in part["tensors"]]
-    specs.sort(key=lambda s: natural_key(s.name))
+    order = ["rest"] + [f"layer-{i:05d}" for i in range(len(stream.run.layers))]
+    shards = [shard for part in order for shard in journal.shard_files(part)]
     extras = checkpoint_extras(stream.run.model, state, stream.fmt, model_dir, recipe)
-    return write_checkpoint(out_dir, specs, extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-                            source_dir=model_dir)
+    return link_checkpoint(out_dir, [f for f, _ in shards], [t for _, t in shards], extras, overwrite=overwrite,
+                           source_dir=model_dir)

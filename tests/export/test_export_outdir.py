@@ -35,7 +35,7 @@ def test_output_gets_the_modes_mkdir_and_open_give_under_the_umask(tmp_path, uma
     os.chmod(source / "tokenizer.json", 0o600)   # copied files take the umask's mode too, not their source's
     old = os.umask(umask)
     try:
-        out = write_checkpoint(tmp_path / "parent" / "ckpt", _specs(), lambda tmp: hf_files.copy_source_files(
+        out = write_checkpoint(tmp_path / "parent" / "ckpt", [_specs()], lambda tmp: hf_files.copy_source_files(
             source, tmp), max_shard_bytes=800)
     finally:
         os.umask(old)
@@ -53,7 +53,7 @@ def test_the_lock_is_held_while_writing_and_removed_after(tmp_path):
     def extras(_tmp):
         seen.update(json.loads(lock_path(out).read_text()))
 
-    write_checkpoint(out, _specs(), extras)
+    write_checkpoint(out, [_specs()], extras)
     assert seen["pid"] == os.getpid() and seen["host"] and seen["command"] and seen["started"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -72,21 +72,21 @@ def test_a_second_run_is_refused_at_once_naming_the_holder(tmp_path):
     holder = Holder(out)
     try:
         with pytest.raises(OutputLocked) as refused:
-            write_checkpoint(out, _specs(), _no_extras)
+            write_checkpoint(out, [_specs()], _no_extras)
         message = str(refused.value)
         assert "\n" not in message and f"pid {holder.proc.pid} " in message and str(lock_path(out)) in message
         assert sorted(p.name for p in tmp_path.iterdir()) == [lock_path(out).name]   # nothing written
     finally:
         holder.release()
     assert list(tmp_path.iterdir()) == []
-    write_checkpoint(out, _specs(), _no_extras)   # released: the next run goes ahead
+    write_checkpoint(out, [_specs()], _no_extras)   # released: the next run goes ahead
 
 
 def test_a_killed_holders_lock_does_not_block(tmp_path):
     out = tmp_path / "ckpt"
     Holder(out).kill()
     assert lock_path(out).is_file()                      # the file stays, the kernel dropped the flock
-    write_checkpoint(out, _specs(), _no_extras)
+    write_checkpoint(out, [_specs()], _no_extras)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
@@ -102,7 +102,7 @@ def test_the_same_thread_nests_another_thread_is_refused(tmp_path):
             errors.append(str(err))
 
     with output_lock(out):
-        write_checkpoint(out, _specs(), _no_extras)      # nested: the streamed path's final write
+        write_checkpoint(out, [_specs()], _no_extras)      # nested: the streamed path's final write
         assert lock_path(out).is_file()                  # still held by the outer block
         thread = threading.Thread(target=other_thread)
         thread.start()
@@ -137,7 +137,7 @@ def test_leftovers_of_this_output_are_removed_others_are_not(tmp_path):
     for folder in [leftover, *others]:
         folder.mkdir()
         (folder / "model-00001-of-00002.safetensors").write_bytes(b"half")
-    write_checkpoint(out, _specs(), _no_extras)
+    write_checkpoint(out, [_specs()], _no_extras)
     assert not leftover.exists()
     assert all((f / "model-00001-of-00002.safetensors").read_bytes() == b"half" for f in others)
 
@@ -148,11 +148,11 @@ def test_a_live_runs_temporary_directory_is_not_touched(tmp_path):
     try:
         (live,) = tmp_path.glob(".ckpt.moequant-tmp-*")
         with pytest.raises(OutputLocked):
-            write_checkpoint(out, _specs(), _no_extras)
+            write_checkpoint(out, [_specs()], _no_extras)
         assert (live / "model-00001-of-00002.safetensors").read_bytes() == b"half"
     finally:
         holder.release()   # exits without cleaning up, as a killed assembly would
-    write_checkpoint(out, _specs(), _no_extras)
+    write_checkpoint(out, [_specs()], _no_extras)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
@@ -164,7 +164,7 @@ def test_an_os_error_while_writing_is_one_line_and_leaves_nothing(tmp_path, monk
     monkeypatch.setattr(writer, "open", FullDisk(1000, code), raising=False)
     out = tmp_path / "ckpt"
     with pytest.raises(ExportError) as failed:
-        write_checkpoint(out, _specs(), _no_extras, max_shard_bytes=800)   # 2 shards of 800 bytes + headers
+        write_checkpoint(out, [_specs()], _no_extras, max_shard_bytes=800)   # 2 shards of 800 bytes + headers
     message = str(failed.value)
     assert "\n" not in message and message.startswith(f"{out}: {cause} while writing ")
     assert "model-00002-of-00002.safetensors" in message and "(-o)" in message
@@ -177,7 +177,7 @@ def test_an_os_error_while_writing_is_one_line_and_leaves_nothing(tmp_path, monk
 def test_other_os_errors_are_not_disguised(tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "open", FullDisk(1000, errno.EIO), raising=False)
     with pytest.raises(OSError) as failed:
-        write_checkpoint(tmp_path / "ckpt", _specs(), _no_extras, max_shard_bytes=800)
+        write_checkpoint(tmp_path / "ckpt", [_specs()], _no_extras, max_shard_bytes=800)
     assert failed.value.errno == errno.EIO and not isinstance(failed.value, ExportError)
     assert list(tmp_path.iterdir()) == []
 
@@ -187,5 +187,5 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(outdir.shutil, "disk_usage", lambda _p: usage._replace(free=1000))
     out = tmp_path / "ckpt"
     with pytest.raises(ExportError, match=r"needs 1\.6 kB but only 1\.0 kB are free .*choose another output"):
-        write_checkpoint(out, _specs(), _no_extras)
+        write_checkpoint(out, [_specs()], _no_extras)
     assert list(tmp_path.iterdir()) == []

@@ -24,7 +24,7 @@ def _no_extras(_tmp):
 
 def test_shards_and_index(tmp_path):
     specs = [_spec(f"t{i}", 100, float(i)) for i in range(10)]  # 400 bytes each
-    out = write_checkpoint(tmp_path / "ckpt", specs, _no_extras, max_shard_bytes=1000)
+    out = write_checkpoint(tmp_path / "ckpt", [specs], _no_extras, max_shard_bytes=1000)
     index = json.loads((out / INDEX_NAME).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert files == [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]
@@ -43,18 +43,18 @@ def test_oversized_tensor_gets_its_own_shard():
 def test_built_tensor_must_match_its_table_entry(tmp_path):
     bad = TensorSpec("x", (3,), torch.float32, lambda: torch.zeros(4))
     with pytest.raises(ExportError, match="x: built tensor"):
-        write_checkpoint(tmp_path / "ckpt", [bad], _no_extras)
+        write_checkpoint(tmp_path / "ckpt", [[bad]], _no_extras)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_directory_rules(tmp_path):
     target = tmp_path / "ckpt"
     target.mkdir()
-    write_checkpoint(target, [_spec("a", 4)], _no_extras)  # empty directory: fine
+    write_checkpoint(target, [[_spec("a", 4)]], _no_extras)  # empty directory: fine
     with pytest.raises(ExportError, match="overwrite=True"):
-        write_checkpoint(target, [_spec("b", 4)], _no_extras)
+        write_checkpoint(target, [[_spec("b", 4)]], _no_extras)
     (target / "stale.txt").write_text("old")
-    write_checkpoint(target, [_spec("b", 4)], _no_extras, overwrite=True)
+    write_checkpoint(target, [[_spec("b", 4)]], _no_extras, overwrite=True)
     assert not (target / "stale.txt").exists()
     assert "b" in json.loads((target / INDEX_NAME).read_text())["weight_map"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -67,20 +67,20 @@ def test_interrupted_write_leaves_nothing(tmp_path, error):
 
     specs = [_spec("a", 100), _spec("b", 100), TensorSpec("c", (100,), torch.float32, boom)]
     with pytest.raises(type(error)):
-        write_checkpoint(tmp_path / "ckpt", specs, _no_extras, max_shard_bytes=400)
+        write_checkpoint(tmp_path / "ckpt", [specs], _no_extras, max_shard_bytes=400)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_overwrite_keeps_previous_checkpoint(tmp_path):
     target = tmp_path / "ckpt"
-    write_checkpoint(target, [_spec("old", 4)], _no_extras)
+    write_checkpoint(target, [[_spec("old", 4)]], _no_extras)
     before = (target / INDEX_NAME).read_text()
 
     def extras_fail(_tmp):
         raise OSError("tokenizer copy failed")
 
     with pytest.raises(OSError):
-        write_checkpoint(target, [_spec("new", 4)], extras_fail, overwrite=True)
+        write_checkpoint(target, [[_spec("new", 4)]], extras_fail, overwrite=True)
     assert (target / INDEX_NAME).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 

@@ -25,19 +25,20 @@ def _shallow_twin(deep: Path, shallow: Path, layers: int) -> None:
 
 def test_four_times_the_layers_raises_peak_rss_by_less_than_10_percent(tmp_path):
     """The default allocator, as users run it (no MALLOC_* variable): glibc keeps freed memory unless the loop
-    hands it back (skeleton.release_heap); without that, this ratio was 1.5 (8 -> 32 layers of 52 MB)."""
-    write_checkpoint_dir(tmp_path / "m16", qwen3_moe_config(16, 512, 256, 32))
-    _shallow_twin(tmp_path / "m16", tmp_path / "m4", 4)
+    hands it back (skeleton.release_heap); without that, this ratio was 1.5 (8 -> 32 layers of 52 MB). With it,
+    the peak of a layer's transient buffers settles within the first ~5 layers, then stays flat."""
+    write_checkpoint_dir(tmp_path / "m32", qwen3_moe_config(32, 512, 256, 32))
+    _shallow_twin(tmp_path / "m32", tmp_path / "m8", 8)
     children = {n: subprocess.Popen([sys.executable, str(PROBE), str(tmp_path / f"m{n}"), str(tmp_path / f"o{n}"),
                                      "stream"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for n in (4, 16)}
+                for n in (8, 32)}
     peak = {}
     for n, child in children.items():
         out, err = child.communicate(timeout=300)
         assert child.returncode == 0, err[-3000:]
         peak[n] = json.loads(out.strip().splitlines()[-1])["peak_rss"]
-    # an in-memory run holds 12 more layers (300 MB, ~50% of this process); streaming must hold far less (it
-    # kept ~280 MB more before release_heap; ~45 MB, ~8%, after it: what is left grows by ~4 MB a layer)
-    assert peak[16] / peak[4] - 1 < 0.10, peak
-    assert peak[16] - peak[4] < 0.25 * 12 * LAYER_BYTES, peak
-    assert (tmp_path / "o16" / "model.safetensors.index.json").is_file()
+    # an in-memory run holds 24 more layers (600 MB, ~100% of this process); streaming must hold far less (the
+    # ratio was 1.5 before release_heap)
+    assert peak[32] / peak[8] - 1 < 0.10, peak
+    assert peak[32] - peak[8] < 0.25 * 24 * LAYER_BYTES, peak
+    assert (tmp_path / "o32" / "model.safetensors.index.json").is_file()

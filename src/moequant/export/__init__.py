@@ -29,7 +29,7 @@ from moequant.state import QuantState
 
 FORMATS = ("modelopt", "compressed-tensors")
 
-__all__ = ["FORMATS", "ExportError", "TensorSpec", "checkpoint_extras", "export", "tensor_specs"]
+__all__ = ["FORMATS", "ExportError", "TensorSpec", "checkpoint_extras", "export", "part_specs", "tensor_specs"]
 
 
 def _metadata(state: QuantState, fmt: str, recipe) -> dict:
@@ -70,6 +70,24 @@ def tensor_specs(model: nn.Module, state: QuantState, fmt: str, prefix: str = ""
     return common.unquantized_specs(model, state, prefix, exclude_prefix) + quantized
 
 
+def part_specs(model: nn.Module, state: QuantState, fmt: str, layers_path: str, layer: int | None,
+               ) -> list[TensorSpec]:
+    """The checkpoint's tensors of one part: decoder layer ``layer`` (its targets, KV scales and unquantized
+    tensors), or with ``layer=None`` everything outside the decoder layers. The in-memory export and the
+    streamed path (one layer in memory at a time) both write the checkpoint as these parts, so a shard never
+    spans two of them and both write the same bytes. Reads only that part's tensors; the state must already
+    have passed ``common.check_exportable``."""
+    inside = layers_path + "."
+    prefix = inside if layer is None else f"{inside}{layer}."
+    targets = tuple(t for t in state.plan.targets if t.layer == layer)
+    kv = {p: v for p, v in state.kv_cache.items() if p.startswith(prefix) != (layer is None)}
+    sub = QuantState(state.plan.with_targets(targets, state.plan.excluded),
+                     {t.key: state.tensors[t.key] for t in targets}, state.backend, state.method, kv, state.kv_scheme)
+    if layer is None:
+        return tensor_specs(model, sub, fmt, prefix="", exclude_prefix=inside, check=False)
+    return tensor_specs(model, sub, fmt, prefix=prefix, check=False)
+
+
 def checkpoint_extras(model: nn.Module, state: QuantState, fmt: str, source_dir, recipe):
     """``write_extras(tmp_dir)`` writing config.json, hf_quant_config.json, generation config, tokenizer."""
     qconfig, hf_quant = format_configs(model, state, fmt)
@@ -101,8 +119,11 @@ def export(
     """
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; expected one of {FORMATS}")
+    from moequant.discover import decoder_layers
+
     common.check_exportable(state)
-    specs = sorted(tensor_specs(model, state, format, check=False), key=lambda s: natural_key(s.name))
+    layers_path, layers = decoder_layers(model)
+    parts = [part_specs(model, state, format, layers_path, i) for i in [None, *range(len(layers))]]
     write_extras = checkpoint_extras(model, state, format, source_dir, recipe)
-    return write_checkpoint(out_dir, specs, write_extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+    return write_checkpoint(out_dir, parts, write_extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                             source_dir=source_dir)

@@ -19,6 +19,7 @@ as one line: ``outdir.py``.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -138,23 +139,44 @@ def write_safetensors(path: Path, shard: list[TensorSpec]) -> None:
         raise
 
 
-def write_shards(directory: Path, specs: list[TensorSpec], max_shard_bytes: int) -> dict:
-    """Write ``specs`` as shards plus index into ``directory``; returns the index dict."""
-    names = [s.name for s in specs]
+def shard_file_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def part_shards(part: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """One part's shards: its tensors in natural name order, split greedily at ``max_shard_bytes``."""
+    return plan_shards(sorted(part, key=lambda s: natural_key(s.name)), max_shard_bytes)
+
+
+def _check_unique(names: list[str]) -> None:
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ExportError(f"tensor names written twice: {dup[:5]}; this is a moequant exporter bug")
-    shards = plan_shards(specs, max_shard_bytes)
+
+
+def write_index(directory: Path, shards: list[list[tuple[str, int]]]) -> dict:
+    """``model.safetensors.index.json`` for shards given as [(tensor name, bytes)] in file order."""
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(directory / filename, shard)
-        for spec in shard:
-            weight_map[spec.name] = filename
-            total += spec.nbytes
+        for name, nbytes in shard:
+            weight_map[name] = shard_file_name(i, len(shards))
+            total += nbytes
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
+
+
+def write_shards(directory: Path, parts: list[list[TensorSpec]], max_shard_bytes: int) -> dict:
+    """Write ``parts`` as shards plus index into ``directory``; returns the index dict.
+
+    A shard never spans two parts (the streamed path's parts: the tensors outside the decoder layers, then
+    one decoder layer each): a finished layer's shards are final files, which the streamed path moves into
+    the checkpoint instead of writing every byte a second time (``link_checkpoint``)."""
+    _check_unique([s.name for part in parts for s in part])
+    shards = [shard for part in parts for shard in part_shards(part, max_shard_bytes)]
+    for i, shard in enumerate(shards, start=1):
+        write_safetensors(directory / shard_file_name(i, len(shards)), shard)
+    return write_index(directory, [[(s.name, s.nbytes) for s in shard] for shard in shards])
 
 
 def _check_target(out_dir: Path, overwrite: bool, source_dir: str | os.PathLike | None = None) -> None:
@@ -195,17 +217,51 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def write_checkpoint(
-    out_dir: str | os.PathLike, specs: list[TensorSpec], write_extras: Callable[[Path], None],
+    out_dir: str | os.PathLike, parts: list[list[TensorSpec]], write_extras: Callable[[Path], None],
     overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, source_dir=None,
 ) -> Path:
     """Write a complete checkpoint atomically; ``write_extras(tmp_dir)`` adds configs and copied files.
+    ``parts``: lists of tensors no shard spans (``write_shards``); one list for a plain sharded checkpoint.
 
     Under the output's lock (``OutputLocked`` if another run holds it). Refused up front when the file system
     has less free space than the tensors' bytes; an OS error while writing (disk full, quota, read-only,
     permission) is an ``ExportError`` naming the output, the file and the fix; either way nothing is left.
     ``source_dir``: the model directory read, which the output must not be, lie in or contain."""
-    out_dir = Path(out_dir).absolute()
-    need = sum(s.nbytes for s in specs)
+    need = sum(s.nbytes for part in parts for s in part)
+
+    def fill(tmp: Path) -> None:
+        write_shards(tmp, parts, max_shard_bytes)
+        write_extras(tmp)
+
+    return _atomically(Path(out_dir).absolute(), need, overwrite, source_dir, fill)
+
+
+def link_checkpoint(
+    out_dir: str | os.PathLike, shard_files: list[Path], shard_tensors: list[list[tuple[str, int]]],
+    write_extras: Callable[[Path], None], overwrite: bool = False, source_dir=None,
+) -> Path:
+    """``write_checkpoint`` from shard files already written by ``write_safetensors`` (in checkpoint order, with
+    their [(tensor, bytes)]): each is hard-linked into the new checkpoint under its final name (copied where
+    the file system has no hard links), so no byte is written twice; the files themselves stay."""
+    _check_unique([name for shard in shard_tensors for name, _ in shard])
+
+    def fill(tmp: Path) -> None:
+        for i, src in enumerate(shard_files, start=1):
+            dst = tmp / shard_file_name(i, len(shard_files))
+            try:
+                os.link(src, dst)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                shutil.copyfile(src, dst)
+        write_index(tmp, shard_tensors)
+        write_extras(tmp)
+
+    return _atomically(Path(out_dir).absolute(), 0, overwrite, source_dir, fill)
+
+
+def _atomically(out_dir: Path, need: int, overwrite: bool, source_dir, fill: Callable[[Path], None]) -> Path:
+    """``fill(tmp)`` in a fresh sibling directory, moved into place when complete (see ``write_checkpoint``)."""
     _check_target(out_dir, overwrite, source_dir)
     with reported_os_errors(out_dir, need), output_lock(out_dir):
         _check_target(out_dir, overwrite, source_dir)   # again under the lock: another run may have finished meanwhile
@@ -213,8 +269,7 @@ def write_checkpoint(
         tmp = sibling_dir(out_dir, "tmp")
         done = False
         try:
-            write_shards(tmp, specs, max_shard_bytes)
-            write_extras(tmp)
+            fill(tmp)
             _move_into_place(tmp, out_dir)
             done = True
         finally:
