@@ -10,10 +10,11 @@ built-in calibration text. Built once into ``--dir`` (reused when its build file
 Rows:
   * floor read:  every tensor of every shard to ``--device`` with safetensors (page cache warm: second pass);
   * floor write: as many bytes as moequant's output, written in 64 MiB pieces and fsync'ed;
-  * moequant:    ``moequant quantize DIR -o OUT --recipe nvfp4-experts-only-mse --device D --calib FILE
-                 --samples 16 --seq-len 512 --quiet`` in a fresh process (import, quantize, export, verify);
+  * moequant:    ``moequant quantize DIR -o OUT --recipe nvfp4-experts-only-mse --kv-cache fp8-cast --device D
+                 --calib FILE --samples 16 --seq-len 512 --quiet`` in a fresh process (import, quantize, export,
+                 verify);
   * ModelOpt:    a fresh process: import, ``from_pretrained`` onto the device, ``mtq.quantize`` with its
-                 ``general/ptq/nvfp4_experts_only_mse`` recipe over the same token windows (moequant's
+                 ``general/ptq/nvfp4_experts_only_mse-kv_fp8_cast`` recipe over the same token windows (moequant's
                  ``calibration_tokens``, batches of 8), ``export_hf_checkpoint``. Only where modelopt imports.
 Each row: seconds, GB/s of the bf16 model, ratio to the read+write floor, peak RSS (the process's VmHWM),
 peak GPU memory (the CUDA allocator's peak). The table is printed last; ``--json`` writes the numbers.
@@ -41,7 +42,7 @@ SIZES = {  # hidden, experts, top-k, moe_intermediate, heads, kv heads, head_dim
     "30b-a3b": (2048, 128, 8, 768, 32, 4, 128, 151936),
     "small": (256, 16, 4, 128, 4, 2, 64, 4096),
 }
-RECIPE, MODELOPT_RECIPE = "nvfp4-experts-only-mse", "general/ptq/nvfp4_experts_only_mse"
+RECIPE, MODELOPT_RECIPE = "nvfp4-experts-only-mse", "general/ptq/nvfp4_experts_only_mse-kv_fp8_cast"
 SAMPLES, SEQ_LEN, BATCH = 16, 512, 8
 BUILD_FILE = "whole_job_build.json"
 
@@ -183,7 +184,7 @@ def child_moequant(folder: Path, out: Path, device: str, profile: Path | None = 
         prof.enable()
     code = main(["quantize", str(folder), "-o", str(out), "--recipe", RECIPE, "--device", device,
                  "--calib", str(folder / "calibration.txt"), "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN),
-                 "--quiet", "--overwrite"])
+                 "--kv-cache", "fp8-cast", "--quiet", "--overwrite"])
     if profile is not None:
         prof.disable()
         prof.dump_stats(str(profile))

@@ -1,8 +1,8 @@
 """Per-layer progress of a streamed run, kept next to the output so that a killed run can continue.
 
 Directory ``<parent>/.<output name>.moequant-partial/`` (same filesystem as the output):
-    journal.json              {"fingerprint": {...}, "parts": {part: {"files": [...],
-                                                                  "shards": [[[name, dtype, shape], ...], ...]}}}
+    journal.json              {"fingerprint": {...}, "parts": {part: {"files": [...]}}}
+    part-<name>.json          the part's shards' tensors: [[[name, dtype, shape], ...], ...]
     part-<name>-<j>.safetensors  the exported tensors of one finished part ("rest" = outside the layers,
                               "layer-00003" = decoder layer 3), written as the checkpoint's own shards
                               (``writer.part_shards``): the final checkpoint links these files, it does not
@@ -122,23 +122,26 @@ class Journal:
         return part in self.parts
 
     def record(self, part: str, shards: list[list[TensorSpec]], summary: dict) -> None:
-        """Write one finished part (its shards, as the checkpoint will hold them, and its summary), then list it
-        in the journal."""
+        """Write one finished part (its shards, as the checkpoint will hold them, its tensor listing and its
+        summary), then list it in the journal (journal.json names the files only: rewritten after every part,
+        it stays small)."""
         files = [f"part-{part}-{j:03d}.safetensors" for j in range(len(shards))]
+        listing = [[[s.name, str(s.dtype).split(".")[1], list(s.shape)] for s in shard] for shard in shards]
         buffer = io.BytesIO()
         torch.save(summary, buffer)   # into memory: torch's own file writer turns OS errors into RuntimeError
         with reported_os_errors(self.out_dir):
             for file, shard in zip(files, shards):
                 write_safetensors(self.dir / file, shard)
+            (self.dir / f"part-{part}.json").write_text(json.dumps(listing))
             (self.dir / f"part-{part}.pt").write_bytes(buffer.getvalue())
-            self.parts[part] = {"files": files, "shards": [[[s.name, str(s.dtype).split(".")[1], list(s.shape)]
-                                                            for s in shard] for shard in shards]}
+            self.parts[part] = {"files": files}
             self._save()
 
     def shard_files(self, part: str) -> list[tuple[Path, list[tuple[str, int]]]]:
         """(file, [(tensor name, bytes)]) of each shard of ``part``, in checkpoint order."""
+        listing = json.loads((self.dir / f"part-{part}.json").read_text())
         out = []
-        for file, shard in zip(self.parts[part]["files"], self.parts[part]["shards"]):
+        for file, shard in zip(self.parts[part]["files"], listing):
             sizes = [(name, math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size())
                      for name, dtype, shape in shard]
             out.append((self.dir / file, sizes))

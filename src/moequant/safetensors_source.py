@@ -222,7 +222,8 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entry(name)[1]["shape"])
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, pinned: bool = False) -> torch.Tensor:
+        """Tensor ``name`` read into CPU memory (``pinned``: page-locked, for a fast queued copy to a GPU)."""
         path, info, start = self.entry(name)
         dtype = DTYPES.get(info.get("dtype"))
         if dtype is None:
@@ -233,7 +234,7 @@ class SafetensorsSource:
         if end - begin != size:
             raise ShardError(f"{path}: tensor {name} spans {end - begin} bytes but {info['dtype']} {list(shape)} "
                              f"needs {size}; the file is corrupt: re-download it")
-        out = torch.empty(shape, dtype=dtype)
+        out = torch.empty(shape, dtype=dtype, pin_memory=pinned)
         buf = out.view(-1).view(torch.uint8).numpy() if size else None
         with open(path, "rb") as f:
             f.seek(start + begin)

@@ -101,13 +101,14 @@ def _read(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: list,
     value = torch.empty(shape, dtype=meta.dtype, device=device)
     flat = value.view(-1, width)
     written = torch.zeros(flat.shape[0], dtype=torch.int32)
+    pinned = device.type == "cuda"   # page-locked reads, queued copies: the H2D copy runs at full speed
     for name, rows in parts:
-        t = source.get(name)
+        t = source.get(name, pinned=pinned)
         if t.numel() != rows.numel() * width:
             path = source.entry(name)[0]
             raise ShardError(f"{path}: tensor {name} has shape {list(t.shape)}, but {key} {list(shape)} needs "
                              f"{rows.numel()} rows of {width}; the checkpoint does not match config.json")
-        block = t.reshape(-1, width).to(device=device, dtype=meta.dtype)
+        block = t.reshape(-1, width).to(device=device, dtype=meta.dtype, non_blocking=pinned)
         start = int(rows[0]) if rows.numel() else 0
         if rows.numel() and int(rows[-1]) - start + 1 == rows.numel() and bool((rows.diff() == 1).all()):
             flat[start:start + rows.numel()] = block   # consecutive rows (every layout but interleaved): a copy

@@ -90,11 +90,12 @@ def shard_files(path: Path) -> tuple[dict[str, str] | None, list[str]]:
             raise CheckpointError(f"{INDEX_NAME}: unreadable weight_map ({err})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
             raise CheckpointError(f"{INDEX_NAME}: weight_map is not an object of tensor name -> shard file name")
+        files = sorted(set(weight_map.values()))
+        why = {file: _outside(path, file) for file in files}   # once per file: an index lists ~1e5 tensors
         for name, file in sorted(weight_map.items()):
-            why = _outside(path, file)
-            if why is not None:
-                raise CheckpointError(f"{INDEX_NAME}: tensor {name} is mapped to {file!r}, outside {path} ({why}); "
-                                      "refusing to read it")
+            if why[file] is not None:
+                raise CheckpointError(f"{INDEX_NAME}: tensor {name} is mapped to {file!r}, outside {path} "
+                                      f"({why[file]}); refusing to read it")
         return weight_map, sorted(set(weight_map.values()))
     if (path / SINGLE_NAME).is_file():
         return None, [SINGLE_NAME]
