@@ -232,7 +232,8 @@ def run_child(tool: str, folder: Path, out: Path, device: str, profile: Path | N
                            "--device", device, *extra], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["exit " + str(proc.returncode)]}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": lines[-1:] or ["exit " + str(proc.returncode)], "stderr_tail": lines[-25:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return {**result, "seconds": wall, "out_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
 
@@ -281,7 +282,7 @@ def main() -> None:
         for i in range(a.repeats):
             runs.append(run_child(tool, folder, folder.parent / f"{folder.name}-out-{tool}", a.device,
                                   a.profile if i == 0 else None))
-            print(tool, json.dumps(runs[-1]), flush=True)
+            print(tool, json.dumps(runs[-1], indent=None if "error" not in runs[-1] else 1), flush=True)
         results[tool] = min(runs, key=lambda r: r.get("seconds", float("inf")))
         results[tool + "_runs"] = runs
     out_bytes = results.get("moequant", {}).get("out_bytes") or model_bytes // 3
