@@ -80,13 +80,14 @@ def build(folder: Path, size: str, layers: int, seed: int = 0) -> int:
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
-    spec = {"size": size, "layers": layers, "seed": seed, "version": 2}
+    spec = {"size": size, "layers": layers, "seed": seed, "version": 3}
     stamp = folder / BUILD_FILE
     if stamp.is_file() and json.loads(stamp.read_text()).get("spec") == spec:
         return json.loads(stamp.read_text())["bytes"]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     config = _config(size, layers)
+    config.architectures = ["Qwen3MoeForCausalLM"]   # as a hub config.json has it (ModelOpt's export reads it)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     disk = revert_weight_conversion(model, dict(model.state_dict()))
