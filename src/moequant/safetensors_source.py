@@ -192,13 +192,6 @@ class SafetensorsSource:
                                      f"{self.weight_map[name]!r}: the same tensor in two shards; re-download the "
                                      "model")
 
-    @classmethod
-    def of_files(cls, directory: Path, weight_map: dict[str, str]) -> SafetensorsSource:
-        """A source over given files (tensor name -> file name in ``directory``), e.g. a journal's parts."""
-        self = cls.__new__(cls)
-        self.dir, self.weight_map, self._headers = Path(directory), dict(weight_map), {}
-        return self
-
     def files(self) -> list[Path]:
         return [self.dir / f for f in sorted(set(self.weight_map.values()))]
 

@@ -85,14 +85,8 @@ def _build(spec: TensorSpec) -> torch.Tensor:
             f"{spec.name}: built tensor is {t.dtype} {tuple(t.shape)} but the format table says "
             f"{spec.dtype} {tuple(spec.shape)}; this is a moequant exporter bug, please report it"
         )
-    # contiguous CPU bytes; no copy beyond the device-to-host one (the writer writes each tensor out at once;
-    # holders of many built tensors take ``owned`` copies: views of one scale tensor share memory)
+    # contiguous CPU bytes; no copy beyond the device-to-host one (the writer writes each tensor out at once)
     return t.detach().to("cpu").contiguous()
-
-
-def owned(spec: TensorSpec) -> torch.Tensor:
-    """``_build`` in storage of its own (for safetensors' ``save_file``, which refuses shared memory)."""
-    return _build(spec).clone()
 
 
 SAFETENSORS_DTYPES = {
