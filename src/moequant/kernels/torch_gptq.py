@@ -2,9 +2,10 @@
 
 ``gptq_codes(w [*B, N, K], global_scale, block_scale, h [*B, K, K], use [*B])`` runs the reference's steps for
 all batch indices together: one batched factorization per step (``torch.linalg.cholesky_ex`` on
-``[E, K, K]``), one launch per op per column for all experts, and one batched matmul per column block
-(``[E, N, B] @ [E, B, K - end]``). Columns go in blocks of ``COLUMN_BLOCK = 128`` (a multiple of the 16-element
-NVFP4 block) instead of the reference's 16: the same arithmetic, summed in another order, so the float64 working
+``[E, K, K]``), one launch per op per column for all experts, and batched matmuls per column block
+(``[E, N, 16] @ [E, 16, rest of the block]`` per NVFP4 block, ``[E, N, 128] @ [E, 128, K - end]`` per block of
+``COLUMN_BLOCK = 128``), where the reference updates all the remaining columns after each 16-column block: the
+same arithmetic, summed in another order, so the float64 working
 weights differ in the last bits and a code can differ where a value falls within rounding noise of an E2M1
 decision boundary (tests: equal codes on well-conditioned random problems, objective within a stated tolerance
 otherwise). Batch indices with ``use`` False (fallbacks) get ``U = I``, i.e. round to nearest.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from moequant.formats.gptq import DAMP, column_scales, inverse_factor, round_column
+from moequant.formats.nvfp4 import BLOCK_SIZE
 
 COLUMN_BLOCK = 128
 CHUNK_BYTES = 1 << 30
@@ -26,7 +28,9 @@ CHUNK_BYTES = 1 << 30
 
 def _gptq_batch(w: torch.Tensor, scale: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """Codes uint8 ``[E, N, K]`` of float32 ``w [E, N, K]`` at fp32 element scales ``scale [E, N, K]`` for upper
-    factors ``upper [E, K, K]`` (step 4 of ``formats.gptq``, column blocks of ``COLUMN_BLOCK``)."""
+    factors ``upper [E, K, K]`` (step 4 of ``formats.gptq``): two levels of lazy updates, the column's error
+    within its 16-column NVFP4 block elementwise, the rest of the ``COLUMN_BLOCK`` and then the rest of the
+    weight by batched matmuls."""
     e, n, k = w.shape
     work = w.to(torch.float64)
     codes = torch.empty((e, n, k), dtype=torch.uint8, device=w.device)
@@ -35,11 +39,15 @@ def _gptq_batch(w: torch.Tensor, scale: torch.Tensor, upper: torch.Tensor) -> to
         block = work[:, :, start:stop].clone()                  # [E, N, b]
         rows = upper[:, start:stop, start:stop]                 # [E, b, b]
         errors = torch.empty_like(block)
-        for j in range(stop - start):
-            codes[:, :, start + j], q = round_column(block[:, :, j], scale[:, :, start + j])
-            err = (block[:, :, j] - q) / rows[:, j, j, None]    # [E, N]
-            block[:, :, j:] -= err[:, :, None] * rows[:, None, j, j:]
-            errors[:, :, j] = err
+        for inner in range(0, stop - start, BLOCK_SIZE):
+            end = min(inner + BLOCK_SIZE, stop - start)
+            for j in range(inner, end):
+                codes[:, :, start + j], q = round_column(block[:, :, j], scale[:, :, start + j])
+                err = (block[:, :, j] - q) / rows[:, j, j, None]    # [E, N]
+                block[:, :, j:end] -= err[:, :, None] * rows[:, None, j, j:end]
+                errors[:, :, j] = err
+            if end < stop - start:
+                block[:, :, end:] -= errors[:, :, inner:end] @ rows[:, inner:end, end:]
         if stop < k:
             work[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
     return codes
