@@ -2,24 +2,31 @@
 upcycle, both from ``moequant.demo.builtin_model_dir``).
 
 Calibration: 64 x 512 tokens of the State of the Union speeches up to 2000 (the built-in calibration text);
-evaluation: 8 x 512 tokens of the speeches from 2001 on (``moequant.evaluate.evaluate`` on the exported
-ModelOpt checkpoint: perplexity and mean KL(original || quantized) of next-token distributions).
+evaluation: 32 x 512 tokens of the speeches from 2001 on by default (``moequant.evaluate.evaluate`` on the
+exported ModelOpt checkpoint: perplexity and mean KL(original || quantized) of next-token distributions), with
+a bootstrap 95% confidence interval over the windows (2000 resamples of the windows with replacement, the
+same resamples for every option, percentile interval) of each perplexity, of its gap to the original, and of
+the gap's change against "best" (paired: the same windows).
 
-One calibration forward serves every option: ``quantize(model, "nvfp4-best")`` observes the activations (input
-amax and, for weighted_mse, per-channel mean squares) on the unquantized model, which no weight option
-changes; every other option then re-runs only the data-free weight calibration (``calibrate_weights``) on
-the same plan and takes the same input scales, which is exactly what ``quantize`` with its own recipe would
-produce. Seconds: the weight search of each option; the shared forward (with best's weight search) once.
-Weight error: sum of squared weight errors / sum of squared weights over every quantized tensor (unweighted,
-so options are comparable).
+One calibration forward serves every option: ``quantize(model, "nvfp4-gptq")`` observes the activations (input
+amax, per-channel mean squares and X^T X) on the unquantized model, which no weight option changes, and ships
+weighted_mse's scales with GPTQ's codes; "best" (nvfp4-best) is the same scales with round-to-nearest codes
+(``rounded_to_nearest``: what nvfp4-best ships, the scales being identical by construction, see
+tests/test_gptq_pipeline.py); every other option re-runs only the data-free weight calibration
+(``calibrate_weights``) on the same plan and takes the same input scales, which is exactly what ``quantize``
+with its own recipe would produce. Seconds: the weight search of each option; the shared forward and weight
+step once (with the GPTQ part timed apart). Weight error: sum of squared weight errors / sum of squared
+weights over every quantized tensor (unweighted, so options are comparable).
 
-    nice -n 10 python3 bench/quality.py --model moe --options max,mse,best
+    nice -n 10 python3 bench/quality.py --model moe --options best,gptq
     python3 bench/quality.py --model moe --device cuda          # the model on the GPU, Triton searches
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import platform
 import tempfile
 import time
@@ -28,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from moequant import calibrate_weights, load_recipe, quantize
+from moequant import calibrate_weights, kernels, load_recipe, quantize
 from moequant.data import load_tokenizer
 from moequant.demo import builtin_model_dir
 from moequant.evaluate import evaluate
@@ -42,10 +49,14 @@ OPTIONS = {
     "mse": ("nvfp4-mse", {"method": "mse"}),
     "max+4over6": ("nvfp4", {"method": "max", "four_over_six": True}),
     "mse+global": ("nvfp4-mse", {"method": "mse", "global_search": True}),
-    "best": ("nvfp4-best", None),  # weighted_mse
+    "best": ("nvfp4-best", "rtn"),  # weighted_mse: the shared run's scales, round to nearest
+    "gptq": ("nvfp4-gptq", None),   # the shared run
     "w4a16-mse": ("nvfp4-w4a16", {"method": "mse"}),
-    "w4a16-best": ("nvfp4-best", None),
+    "w4a16-best": ("nvfp4-best", "rtn"),
+    "w4a16-gptq": ("nvfp4-gptq", None),
 }
+RESAMPLES = 2000
+quantize_module = importlib.import_module("moequant.quantize")   # the package's ``quantize`` is the function
 CALIB = {"samples": 64, "seq_len": 512}
 
 
@@ -55,12 +66,27 @@ def weight_error(state: QuantState) -> float:
     return err / norm
 
 
+def rounded_to_nearest(model, state: QuantState) -> dict:
+    """The state's scales with round-to-nearest codes (what nvfp4-best ships for gptq's scales)."""
+    out = {}
+    for t in state.plan.targets:
+        s = state.tensors[t.key]
+        w = quantize_module.canonical_weight(model, t).detach()
+        sq = kernels.weight_squared_error(w, s.global_scale, s.block_scale)
+        sq = sq.reshape(sq.shape[0], -1).sum(-1) if t.kind == "experts" else sq.sum()
+        out[t.key] = replace(s, method="weighted_mse", codes=kernels.pack_nvfp4(w, s.global_scale, s.block_scale),
+                             sq_error=sq, gptq_status=None)
+    return out
+
+
 def option_state(model, shared: QuantState, name: str, backend: str = "torch") -> tuple[QuantState, float]:
     """The state of option ``name``: its own weight scales, the shared run's input scales (none for W4A16)."""
     _, weight_options = OPTIONS[name]
     start = time.perf_counter()
     if weight_options is None:
         tensors = dict(shared.tensors)
+    elif weight_options == "rtn":
+        tensors = rounded_to_nearest(model, shared)
     else:
         own = calibrate_weights(model, shared.plan, backend=backend, **weight_options)
         if torch.cuda.is_available():
@@ -68,8 +94,38 @@ def option_state(model, shared: QuantState, name: str, backend: str = "torch") -
         tensors = {k: replace(s, input_scale=shared.tensors[k].input_scale) for k, s in own.tensors.items()}
     if name.startswith("w4a16"):
         tensors = {k: replace(s, input_scale=None) for k, s in tensors.items()}
-    method = weight_options["method"] if weight_options else shared.method
+    method = weight_options["method"] if isinstance(weight_options, dict) else \
+        "weighted_mse" if weight_options == "rtn" else shared.method
     return QuantState(shared.plan, tensors, shared.backend, method), time.perf_counter() - start
+
+
+def bootstrap(nll_o: torch.Tensor, nll_q: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple]]:
+    """Per option: (point, low, high) of the quantized perplexity, the gap to the original and, against "best"
+    when present, the gap's change and its relative change; plus the original's, under key "original"."""
+    windows = nll_o.numel()
+    idx = torch.randint(0, windows, (RESAMPLES, windows), generator=torch.Generator().manual_seed(0))
+    ppl_o, ppl_o_r = math.exp(float(nll_o.mean())), nll_o[idx].mean(1).exp()
+    out = {"original": {"ppl": _ci(ppl_o, ppl_o_r)}}
+    gaps = {}
+    for name, nll in nll_q.items():
+        ppl, ppl_r = math.exp(float(nll.mean())), nll[idx].mean(1).exp()
+        gaps[name] = (ppl - ppl_o, ppl_r - ppl_o_r)
+        out[name] = {"ppl": _ci(ppl, ppl_r), "gap": _ci(*gaps[name])}
+    for name, (gap, gap_r) in gaps.items():
+        base = "w4a16-best" if name.startswith("w4a16") else "best"
+        if base in gaps and name != base:
+            out[name]["vs_best"] = _ci(gap - gaps[base][0], gap_r - gaps[base][1])
+            out[name]["cut"] = _ci(1 - gap / gaps[base][0], 1 - gap_r / gaps[base][1])
+    return out
+
+
+def _ci(point: float, samples: torch.Tensor) -> tuple[float, float, float]:
+    low, high = torch.quantile(samples.to(torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return point, low, high
+
+
+def _fmt(ci: tuple, digits: int = 2) -> str:
+    return f"{ci[0]:.{digits}f} [{ci[1]:.{digits}f}, {ci[2]:.{digits}f}]"
 
 
 def main() -> None:
@@ -77,7 +133,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("dense", "moe"), default="moe")
     parser.add_argument("--options", default=",".join(OPTIONS))
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (64 for the table)")
-    parser.add_argument("--windows", type=int, default=8, help="evaluation windows (8 for the table)")
+    parser.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens (>= 32)")
     parser.add_argument("--device", default="cpu", help="cpu (torch backend) or cuda (Triton where it exists)")
     args = parser.parse_args()
     backend = "torch" if args.device == "cpu" else "auto"
@@ -87,13 +143,8 @@ def main() -> None:
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"# {args.model} {model_dir.name}; {where}, torch {torch.__version__}", flush=True)
     model = load_model(model_dir).to(args.device)
-    start = time.perf_counter()
-    shared = quantize(model, load_recipe("nvfp4-best", calibration=CALIB), None, tokenizer=load_tokenizer(model_dir),
-                      device=args.device, backend=backend)
-    stages = ", ".join(f"{k} {v:.0f}" for k, v in shared.report.stage_seconds.items())
-    print(f"# shared calibration forward + best's weight search: {time.perf_counter() - start:.0f} s ({stages})")
-    print("| model | option | rel. weight sq. error | KL (nats/token) | perplexity | weight search s |")
-    print("|---|---|---|---|---|---|", flush=True)
+    shared, gptq_seconds = _shared_run(model, model_dir, args.device, backend)
+    rows, nll_q, nll_o = [], {}, None
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.options.split(","):
             state, seconds = option_state(model, shared.state, name, backend)
@@ -103,10 +154,55 @@ def main() -> None:
             out = Path(tmp) / name.replace("+", "_")
             export(model, state, out, format="modelopt", overwrite=True, source_dir=model_dir, recipe=recipe)
             ev = evaluate(model_dir, out, windows=args.windows, seq_len=512, device=args.device)
-            seconds = f"{seconds:.{0 if args.device == 'cpu' else 2}f}" if OPTIONS[name][1] is not None \
-                else "(in shared run)"
-            print(f"| {args.model} | {name} | {weight_error(state):.5f} | {ev.kl_mean:.4f} | {ev.ppl_quantized:.2f} "
-                  f"(original {ev.ppl_original:.2f}) | {seconds} |", flush=True)
+            nll_o = torch.tensor(ev.window_nll_original, dtype=torch.float64)
+            nll_q[name] = torch.tensor(ev.window_nll_quantized, dtype=torch.float64)
+            shared_cost = f"(shared run; GPTQ step {gptq_seconds:.0f})" if name.endswith("gptq") else "(shared run)"
+            seconds = shared_cost if OPTIONS[name][1] is None else f"{seconds:.{0 if args.device == 'cpu' else 2}f}"
+            rows.append((name, weight_error(state), ev.kl_mean, seconds, ev.seconds))
+            print(f"# {name}: ppl {ev.ppl_quantized:.3f}, KL {ev.kl_mean:.4f}, eval {ev.seconds:.0f} s", flush=True)
+    _print_table(args.model, rows, bootstrap(nll_o, nll_q), args.windows)
+
+
+def _shared_run(model, model_dir, device: str, backend: str):
+    """``quantize(model, "nvfp4-gptq")`` with the GPTQ part of its weight step timed apart."""
+    seconds = [0.0]
+    plain = quantize_module.gptq_scales
+
+    def timed(*args):
+        start = time.perf_counter()
+        try:
+            return plain(*args)
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    quantize_module.gptq_scales = timed
+    start = time.perf_counter()
+    try:
+        shared = quantize(model, load_recipe("nvfp4-gptq", calibration=CALIB), None,
+                          tokenizer=load_tokenizer(model_dir), device=device, backend=backend)
+    finally:
+        quantize_module.gptq_scales = plain
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in shared.report.stage_seconds.items())
+    print(f"# shared run (nvfp4-gptq: calibration forward with X^T X, weighted search, GPTQ): "
+          f"{time.perf_counter() - start:.0f} s ({stages}; of the weights stage, GPTQ {seconds[0]:.0f})")
+    fallback = shared.report.gptq_fallback()
+    print(f"# gptq fallbacks (round to nearest): {sum(len(v) for v in fallback.values())} expert/linear tensors "
+          f"in {len(fallback)} targets: " + "; ".join(f"{k}: {v}" for k, v in list(fallback.items())[:6]), flush=True)
+    return shared, seconds[0]
+
+
+def _print_table(model: str, rows: list, ci: dict, windows: int) -> None:
+    print(f"\nW = {windows} x 512 held-out tokens; [95% bootstrap CI over windows]; original perplexity "
+          f"{_fmt(ci['original']['ppl'])}")
+    print("| model | option | rel. weight sq. error | KL (nats/token) | perplexity | gap to original | "
+          "gap vs best (paired) | gap cut vs best | weight search s | eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, err, kl, seconds, eval_s in rows:
+        c = ci[name]
+        vs = _fmt(c["vs_best"]) if "vs_best" in c else ""
+        cut = f"{100 * c['cut'][0]:.0f}% [{100 * c['cut'][1]:.0f}%, {100 * c['cut'][2]:.0f}%]" if "cut" in c else ""
+        print(f"| {model} | {name} | {err:.5f} | {kl:.4f} | {_fmt(c['ppl'])} | {_fmt(c['gap'])} | {vs} | {cut} | "
+              f"{seconds} | {eval_s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,15 @@ all the layer's routed (token, expert) pairs of their gated inputs (a cheap stan
 every token; with an upcycled model whose experts permute their neurons this is only an approximation).
 Floor: ``h + FLOOR * mean(h)`` per vector (a never-activated channel keeps a small weight, so its block is not
 given the smallest scale), and all-zero statistics give ``h = 1`` (the plain MSE search).
+
+Second moments for "gptq" (``hessians=True``): the same inputs' ``X^T X`` sums, float64 ``[K, K]`` per linear
+target and ``[E, K, K]`` per experts projection (routed tokens only; no fallback: ``hessians`` marks experts
+with fewer than ``min_tokens`` routed tokens, or fewer tokens than input channels, so that their codes are
+rounded to nearest instead). They are kept on the device of the observed inputs (on the CPU under
+torch.distributed, where each call's sum is kept apart for the ranks' fold) and dropped per decoder layer
+(``drop_hessians``): memory ``8 K^2`` bytes per linear and ``8 E K^2`` per experts projection, e.g. 0.15 GiB
+for the built-in MoE's down projections (8 x 1536^2), 4 GiB for a Qwen3-30B-A3B gate_up (128 x 2048^2). Linears
+that read one tensor (q/k/v, gate/up) share one ``X^T X`` computation (the hook sees the same tensor object).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ class _Sums:
     parts: list | None = None  # under torch.distributed: each call's float64 sum, folded later in batch order
 
     def add(self, sq: torch.Tensor, count) -> None:
-        sq = sq.detach().to(device="cpu", dtype=torch.float64)
+        sq = sq.detach().to(device=self.sq.device, dtype=torch.float64)
         if self.parts is not None:
             self.parts.append(sq)
         else:
@@ -57,20 +66,44 @@ class ChannelStats:
     gate_up: dict[str, _Sums] = field(default_factory=dict)       # container path -> [E, H], routed
     down: dict[str, _Sums] = field(default_factory=dict)          # container path -> [E, I], routed
     record_parts: bool = False  # distributed: keep each call's sum (``_Sums.parts``) until the ranks fold them
+    hessians: bool = False      # gptq: also the X^T X sums below
+    linear_h: dict[str, _Sums] = field(default_factory=dict)      # target key -> [K, K]
+    gate_up_h: dict[str, _Sums] = field(default_factory=dict)     # container path -> [E, H, H], routed
+    down_h: dict[str, _Sums] = field(default_factory=dict)        # container path -> [E, I, I], routed
+    last_gram: tuple | None = None  # (input tensor, its X^T X): the next linear reading the same tensor reuses it
 
     def zeros(self, *shape) -> _Sums:
         count = torch.zeros(shape[:-1], dtype=torch.int64)
         return _Sums(torch.zeros(shape, dtype=torch.float64), count, [] if self.record_parts else None)
 
+    def gram_zeros(self, *shape, device) -> _Sums:
+        """Zero X^T X sums ``[..., K, K]`` on ``device`` (on the CPU when the ranks fold each call's part)."""
+        where = "cpu" if self.record_parts else device
+        count = torch.zeros(shape[:-2], dtype=torch.int64)
+        return _Sums(torch.zeros(shape, dtype=torch.float64, device=where), count, [] if self.record_parts else None)
+
     def under(self, prefix: str) -> list[tuple[str, str, _Sums]]:
         """(kind, key, sums) of every statistic whose key starts with ``prefix``, in a fixed order."""
-        return [(kind, key, sums) for kind in ("linear", "hidden", "gate_up", "down")
+        return [(kind, key, sums) for kind in ("linear", "hidden", "gate_up", "down", "linear_h", "gate_up_h", "down_h")
                 for key, sums in sorted(getattr(self, kind).items()) if key.startswith(prefix)]
+
+    def drop_hessians(self, prefix: str) -> None:
+        """Free the X^T X sums under ``prefix`` (a decoder layer, once its weights are done)."""
+        for kind in ("linear_h", "gate_up_h", "down_h"):
+            sums = getattr(self, kind)
+            for key in [k for k in sums if k.startswith(prefix)]:
+                del sums[key]
+        self.last_gram = None
 
 
 def observe_linear(cs: ChannelStats, key: str, x: torch.Tensor) -> None:
-    x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-    cs.linear.setdefault(key, cs.zeros(x.shape[-1])).add(x.square().sum(0), x.shape[0])
+    x64 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    k = x64.shape[-1]
+    cs.linear.setdefault(key, cs.zeros(k)).add(x64.square().sum(0), x64.shape[0])
+    if cs.hessians:
+        if cs.last_gram is None or cs.last_gram[0] is not x:
+            cs.last_gram = (x, x64.T @ x64)
+        cs.linear_h.setdefault(key, cs.gram_zeros(k, k, device=x.device)).add(cs.last_gram[1], x64.shape[0])
 
 
 def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, index: torch.Tensor | None,
@@ -91,20 +124,35 @@ def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, inde
     counts = torch.bincount(expert, minlength=e_count)
     sq = torch.zeros(e_count, hidden, dtype=torch.float64, device=x.device).index_add_(0, expert, x64[token].square())
     cs.gate_up.setdefault(c.path, cs.zeros(e_count, hidden)).add(sq, counts)
+    if cs.hessians:
+        gram = torch.zeros(e_count, hidden, hidden, dtype=torch.float64, device=x.device)
+        for e in torch.unique(expert).tolist():
+            rows = x64[token[expert == e]]
+            gram[e] = rows.T @ rows
+        cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x.device)).add(gram, counts)
     if want_down:
-        cs.down.setdefault(c.path, cs.zeros(e_count, c.intermediate)).add(_gated_sq(c, x, token, expert), counts)
+        sq, gram = _gated_sums(c, x, token, expert, cs.hessians)
+        cs.down.setdefault(c.path, cs.zeros(e_count, c.intermediate)).add(sq, counts)
+        if gram is not None:
+            i = c.intermediate
+            cs.down_h.setdefault(c.path, cs.gram_zeros(e_count, i, i, device=x.device)).add(gram, counts)
 
 
-def _gated_sq(c: ExpertsContainer, x, token, expert) -> torch.Tensor:
-    """[E, I] float64 sums of squared gated inputs of the down projection over each expert's routed tokens."""
+def _gated_sums(c: ExpertsContainer, x, token, expert, gram: bool):
+    """[E, I] float64 sums of squared gated inputs of the down projection over each expert's routed tokens, and
+    with ``gram`` their [E, I, I] X^T X sums (else None)."""
     w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
     bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
     out = torch.zeros(c.num_experts, c.intermediate, dtype=torch.float64, device=x.device)
+    grams = torch.zeros(c.num_experts, c.intermediate, c.intermediate, dtype=torch.float64, device=x.device) \
+        if gram else None
     for e in torch.unique(expert).tolist():
         rows = x[token[expert == e]]
-        inner = c.module._apply_gate(F.linear(rows, w[e], bias[e] if bias is not None else None))   # [n, I]
-        out[e] = inner.to(torch.float64).square().sum(0)
-    return out
+        inner = c.module._apply_gate(F.linear(rows, w[e], bias[e] if bias is not None else None)).to(torch.float64)
+        out[e] = inner.square().sum(0)                                             # inner: [n, I]
+        if grams is not None:
+            grams[e] = inner.T @ inner
+    return out, grams
 
 
 def _finish(sq: torch.Tensor) -> torch.Tensor:
@@ -140,4 +188,27 @@ def channel_weights(plan: Plan, cs: ChannelStats, containers: dict[str, ExpertsC
         else:
             fallback = routed.sq.sum(0) / routed.count.sum().clamp_min(1).to(torch.float64)
         out[key] = _finish(torch.where(under[:, None], fallback.expand_as(h), h))
+    return out
+
+
+def hessians(plan: Plan, cs: ChannelStats, containers: dict[str, ExpertsContainer], keys: list[str],
+             min_tokens: int) -> dict:
+    """``gptq_step.GptqInput`` per target key: ``X^T X / T`` and, per expert, GPTQ or the fallback reason
+    (fewer than ``min_tokens`` routed tokens; fewer tokens than input channels, so H is singular)."""
+    from moequant.formats.gptq import FEW_TOKENS, GPTQ, RANK_DEFICIENT
+    from moequant.gptq_step import GptqInput
+
+    out = {}
+    for key in keys:
+        t = plan.target(key)
+        if t.kind == "linear":
+            if key not in cs.linear_h:
+                raise KeyError(f"{t.module_path}: no activation statistics (never called in the calibration forward)")
+            sums = cs.linear_h[key]
+        else:
+            c = containers[t.module_path]
+            sums = (cs.gate_up_h if t.param_name == c.layout.gate_up else cs.down_h)[c.path]
+        count, k = sums.count.to(sums.sq.device), sums.sq.shape[-1]
+        status = torch.where(count < min_tokens, FEW_TOKENS, torch.where(count < k, RANK_DEFICIENT, GPTQ))
+        out[key] = GptqInput(sums.sq / count.clamp_min(1).to(torch.float64)[..., None, None], status.to(torch.int8))
     return out

@@ -10,7 +10,9 @@ KV-cache quantization is not simulated (its scales are checked by the verifier).
 
 Metrics on held-out windows (default: the first 8 windows of 512 tokens of the State of the Union speeches
 from 2001 on, disjoint from the calibration text): perplexity of both models and the mean over tokens of
-KL(original || quantized) of the next-token distributions, in nats.
+KL(original || quantized) of the next-token distributions, in nats; and each window's mean negative
+log-likelihood (for confidence intervals over windows: every window has the same length, so the perplexity is
+exp of the mean of the window means).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class EvalResult:
     seq_len: int
     data: str
     seconds: float
+    window_nll_original: tuple[float, ...] = ()    # mean NLL (nats/token) of each window
+    window_nll_quantized: tuple[float, ...] = ()
 
     def summary(self) -> str:
         lines = [f"held-out data: {self.data} ({self.windows} x {self.seq_len} tokens)",
@@ -110,4 +114,5 @@ def evaluate(model_dir, checkpoint=None, data=None, windows: int = 8, seq_len: i
     ppl_o = math.exp(float(torch.cat(nll_o).mean()))
     ppl_q = math.exp(float(torch.cat(nll_q).mean())) if nll_q else None
     kl_mean = float(torch.cat(kl).mean()) if kl else None
-    return EvalResult(ppl_o, ppl_q, kl_mean, ids.shape[0], seq_len, desc, time.perf_counter() - start)
+    return EvalResult(ppl_o, ppl_q, kl_mean, ids.shape[0], seq_len, desc, time.perf_counter() - start,
+                      tuple(float(n.mean()) for n in nll_o), tuple(float(n.mean()) for n in nll_q))

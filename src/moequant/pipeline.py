@@ -35,7 +35,7 @@ from moequant.calibrate import (
     linear_input_amax,
     observing,
 )
-from moequant.channel_stats import ChannelStats, channel_weights
+from moequant.channel_stats import ChannelStats, channel_weights, hessians
 from moequant.data import CalibrationDataError, calibration_tokens, load_tokenizer
 from moequant.discover import decoder_layers, discover, text_config
 from moequant import kernels
@@ -177,7 +177,7 @@ def _start(model, recipe: Recipe, device, backend: str, progress: bool, sequenti
             "by layer; exclude them in the recipe or use sequential=False")
     report.groups = list(plan.groups)
     if recipe.needs_channel_stats:
-        run.stats.channels = ChannelStats()
+        run.stats.channels = ChannelStats(hessians=recipe.needs_hessians)
     return run
 
 
@@ -243,6 +243,8 @@ def _calibrate_layer(run: _Run, i: int, inputs: list[LayerInput], ranks=None) ->
             _calibrate_weights(run, targets if ranks is None else ranks.mine(targets))
             if ranks is not None:
                 ranks.gather_scales(run, targets)
+        if run.stats.channels is not None:   # gptq's X^T X sums live for one layer only
+            run.stats.channels.drop_hessians(path + ".")
         if inputs and not run.recipe.needs_channel_stats:
             _observe_layer(run, i, inputs, ranks)
 
@@ -283,8 +285,10 @@ def _calibrate_weights(run: _Run, targets: list) -> None:
     sub = run.plan.with_targets(tuple(targets), run.plan.excluded)
     spec = run.recipe.weights
     weights = _channel_weights(run, targets) if run.recipe.needs_channel_stats else None
+    grams = _channel_weights(run, targets, hessians) if run.recipe.needs_hessians else None
     state = calibrate_weights(run.model, sub, method=spec.method, backend=run.backend, channel_weights=weights,
-                              global_search=spec.global_search, four_over_six=spec.four_over_six)
+                              global_search=spec.global_search, four_over_six=spec.four_over_six,
+                              hessians=grams)
     run.backends.update(state.backend.split(","))
     copied = False
     for key, scales in state.tensors.items():
@@ -306,14 +310,15 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t, non_blocking=True)
 
 
-def _channel_weights(run: _Run, targets: list) -> dict[str, torch.Tensor]:
-    """weighted_mse's channel weights of ``targets`` (observed before their weights are searched)."""
+def _channel_weights(run: _Run, targets: list, of=channel_weights) -> dict:
+    """weighted_mse's channel weights (``of=hessians``: gptq's X^T X) of ``targets``, observed before their
+    weights are searched."""
     keys = [t.key for t in targets if run.schemes[t.key].weights == "nvfp4"]
     try:
-        return channel_weights(run.plan, run.stats.channels, run.containers, keys, run.recipe.calibration.min_tokens)
+        return of(run.plan, run.stats.channels, run.containers, keys, run.recipe.calibration.min_tokens)
     except KeyError as err:
-        raise CalibrationError(f"weighted_mse: {err.args[0]}; calibrate with data that reaches every target, "
-                               "or exclude the target in the recipe") from None
+        raise CalibrationError(f"{run.recipe.weights.method}: {err.args[0]}; calibrate with data that reaches every "
+                               "target, or exclude the target in the recipe") from None
 
 
 # ------------------------------------------------------------------------------------------ all at once

@@ -7,7 +7,8 @@ reaches is calibrated exactly like the others. Order of operations, per group:
   3. block scales searched ("mse") or computed ("max") against that global scale, so the searched scales are
      the shipped scales.
 Options beyond "max"/"mse" (``_searched_scales``): "weighted_mse" (``formats.weighted_mse``, needs per-target
-channel weights from activation calibration), ``global_search`` (``formats.global_search``: the group's global
+channel weights from activation calibration), "gptq" (weighted_mse's scales, then GPTQ's codes under them:
+``gptq_step``; needs each target's X^T X too), ``global_search`` (``formats.global_search``: the group's global
 scale is searched, still one per group) and ``four_over_six`` (``formats.four_over_six``, with "max" only).
 """
 
@@ -23,10 +24,11 @@ from moequant.formats import fp8, nvfp4
 from moequant.formats.fp8 import fp8_tensor_scale, quantize_fp8_tensor, dequantize_fp8_tensor
 from moequant.formats.global_search import search_global
 from moequant.formats.nvfp4 import MAX_ABS, WeightError, check_weight, global_scale_from_amax, tensor_amax
+from moequant.gptq_step import GptqInput, gptq_scales
 from moequant.plan import Plan, Target, disk_name_of, disk_position
 from moequant.state import QuantState, TensorScales
 
-METHODS = ("mse", "max", "weighted_mse")
+METHODS = ("mse", "max", "weighted_mse", "gptq")
 
 
 def canonical_weight(model: nn.Module, target: Target) -> torch.Tensor:
@@ -126,14 +128,15 @@ def _fp8_scales(target: Target, w, amax, shared_amax) -> TensorScales:
 def calibrate_weights(
     model: nn.Module, plan: Plan | None = None, scheme: str | None = None, method: str = "mse",
     backend: str = "auto", progress: bool = False, channel_weights: dict[str, torch.Tensor] | None = None,
-    global_search: bool = False, four_over_six: bool = False,
+    global_search: bool = False, four_over_six: bool = False, hessians: dict[str, GptqInput] | None = None,
 ) -> QuantState:
     """Weight scales of every target of ``plan`` (default: ``discover(model)``), no data needed.
 
     ``scheme`` overrides every target's scheme ("nvfp4" or "fp8"); ``method`` is the NVFP4 block-scale
     method ("mse": exact 126-candidate search; "max"). ``backend``: see ``moequant.kernels``.
     The model is only read. Deterministic: the same weights give the same bytes.
-    ``channel_weights`` (target key -> ``[K]`` / ``[E, K]`` mean squared activations) feed "weighted_mse";
+    ``channel_weights`` (target key -> ``[K]`` / ``[E, K]`` mean squared activations) feed "weighted_mse" and
+    "gptq"; ``hessians`` (target key -> ``gptq_step.GptqInput``) feed "gptq";
     ``global_search`` / ``four_over_six``: see the module docstring.
     """
     from moequant.discover import discover  # local: discover imports transformers-specific helpers
@@ -149,8 +152,8 @@ def calibrate_weights(
         check_target_amax(t, amax[t.key], scheme or t.scheme)
     shared = group_amax(plan, amax)
     tensors, used = {}, set()
-    if method == "weighted_mse" or global_search or four_over_six:
-        options = _Options(method, backend, channel_weights or {}, global_search, four_over_six)
+    if method in ("weighted_mse", "gptq") or global_search or four_over_six:
+        options = _Options(method, backend, channel_weights or {}, global_search, four_over_six, hessians or {})
         nvfp4 = [t for t in plan.targets if (scheme or t.scheme) == "nvfp4"]
         used.update(_searched_scales(nvfp4, weights, amax, shared, options, tensors))
     for t in _progress(plan.targets, progress, "weight scales"):
@@ -172,6 +175,7 @@ class _Options:
     channel_weights: dict
     global_search: bool
     four_over_six: bool
+    hessians: dict
 
     @property
     def label(self) -> str:
@@ -183,7 +187,7 @@ def _searched_scales(targets: list[Target], weights, amax, shared, options: _Opt
     """NVFP4 scales of ``targets`` with the options, one group at a time (a group shares its global scale)."""
     if options.four_over_six and options.method != "max":
         raise ValueError("four_over_six goes with method 'max' only: the exact searches already scan its candidates")
-    if options.method == "weighted_mse" and not options.global_search:  # scales and errors in one search
+    if options.method in ("weighted_mse", "gptq") and not options.global_search:  # scales, errors: one search
         used = set()
         for t in targets:
             w = weights[t.key]
@@ -191,12 +195,13 @@ def _searched_scales(targets: list[Target], weights, amax, shared, options: _Opt
             *found, b = kernels.search_weighted_with_errors(w, gs, _channel_weights_of(t, options, w.device),
                                                             options.backend)
             used.add(b)
-            out[t.key] = _tensor_scales(t, w, amax[t.key], gs, *found, options.label)
-        return used
+            out[t.key] = _gptq_codes(t, w, _tensor_scales(t, w, amax[t.key], gs, *found, options.label), options)
+        return used | ({"torch"} if options.method == "gptq" else set())
     groups: dict[str, list[Target]] = {}
     for t in targets:
         groups.setdefault(t.group if t.group is not None else "target:" + t.key, []).append(t)
-    search = kernels.block_search("four_over_six" if options.four_over_six else options.method, options.backend)
+    method = "weighted_mse" if options.method == "gptq" else options.method  # gptq: its scales are weighted_mse's
+    search = kernels.block_search("four_over_six" if options.four_over_six else method, options.backend)
     for members in groups.values():
         pairs = [(weights[t.key], _channel_weights_of(t, options, weights[t.key].device)) for t in members]
         base = global_scale_from_amax(shared[members[0].key])
@@ -205,17 +210,28 @@ def _searched_scales(targets: list[Target], weights, amax, shared, options: _Opt
         else:
             gs, found = base, [search(w, base, h) for w, h in pairs]
         for t, (block, _) in zip(members, found):
-            out[t.key] = _scales_at(t, weights[t.key], amax[t.key], gs, block, options)
-    return set(search.backends)
+            out[t.key] = _gptq_codes(t, weights[t.key], _scales_at(t, weights[t.key], amax[t.key], gs, block, options),
+                                     options)
+    return set(search.backends) | ({"torch"} if options.method == "gptq" else set())
 
 
 def _channel_weights_of(t: Target, options: _Options, device: torch.device) -> torch.Tensor | None:
-    if options.method != "weighted_mse":
+    if options.method not in ("weighted_mse", "gptq"):
         return None
     if t.key not in options.channel_weights:
-        raise ValueError(f"{t.key}: weighted_mse needs its channel weights (mean squared activations); "
+        raise ValueError(f"{t.key}: {options.method} needs its channel weights (mean squared activations); "
                          "they come from activation calibration (moequant.quantize with calibration data)")
     return options.channel_weights[t.key].to(device)
+
+
+def _gptq_codes(t: Target, w: torch.Tensor, scales: TensorScales, options: _Options) -> TensorScales:
+    """With "gptq": GPTQ's codes under the scales just searched (``gptq_step``); else ``scales`` as they are."""
+    if options.method != "gptq":
+        return scales
+    if t.key not in options.hessians:
+        raise ValueError(f"{t.key}: gptq needs its inputs' X^T X; it comes from activation calibration "
+                         "(moequant.quantize with calibration data)")
+    return gptq_scales(t, w, scales, options.hessians[t.key])
 
 
 def _scales_at(t: Target, w, amax, gs, block, options: _Options) -> TensorScales:

@@ -5,9 +5,9 @@ YAML file. Every key is checked against the dataclasses below: an unknown key or
 file name and line. Defaults live only in these dataclasses; a YAML file states what differs from them.
 
     description: one line shown in ``--help`` and written into the checkpoint
-    weights:     {format: nvfp4 | fp8, method: max | mse | weighted_mse, global_search: bool,
-                  four_over_six: bool}   (see moequant.quantize; weighted_mse observes activations even
-                                          for weight-only recipes)
+    weights:     {format: nvfp4 | fp8, method: max | mse | weighted_mse | gptq, global_search: bool,
+                  four_over_six: bool}   (see moequant.quantize; weighted_mse and gptq observe activations
+                                          even for weight-only recipes; gptq: moequant.gptq_step)
     activations: nvfp4 | fp8 | none          none = weight-only (W4A16 / W8A16), no input scales
     targets:     all | experts               experts = only the fused routed-experts containers
     include:     [module-path globs]         if given, only targets whose module path matches one
@@ -45,7 +45,7 @@ def _choice(*values: str) -> dict:
 @dataclass(frozen=True)
 class WeightSpec:
     format: str = field(default="nvfp4", metadata=_choice("nvfp4", "fp8"))
-    method: str = field(default="max", metadata=_choice("max", "mse", "weighted_mse"))  # NVFP4 block scales
+    method: str = field(default="max", metadata=_choice("max", "mse", "weighted_mse", "gptq"))  # NVFP4
     global_search: bool = False   # NVFP4: search the (group-shared) global scale too (8x the block search)
     four_over_six: bool = False   # NVFP4 with method max: per block, block max to 6 or to 4
 
@@ -78,7 +78,8 @@ class Recipe:
                 f"activations: {act} does not go with weights format {fmt}; use activations: {fmt} "
                 "(W4A4 / W8A8) or none (weight-only)")
         if fmt == "fp8" and self.weights.method != "max":
-            raise RecipeError("weights.method: mse applies to NVFP4 block scales only; FP8 weights use max")
+            raise RecipeError(f"weights.method: {self.weights.method} applies to NVFP4 block scales only; FP8 weights "
+                              "use max")
         if fmt == "fp8" and (self.weights.global_search or self.weights.four_over_six):
             raise RecipeError("weights.global_search / four_over_six apply to NVFP4 only")
         if self.weights.four_over_six and self.weights.method != "max":
@@ -87,8 +88,13 @@ class Recipe:
 
     @property
     def needs_channel_stats(self) -> bool:
-        """weighted_mse needs per-channel mean squared activations from the calibration forward."""
-        return self.weights.method == "weighted_mse"
+        """weighted_mse and gptq need per-channel mean squared activations from the calibration forward."""
+        return self.weights.method in ("weighted_mse", "gptq")
+
+    @property
+    def needs_hessians(self) -> bool:
+        """gptq also needs each target's X^T X (per expert: over its routed tokens)."""
+        return self.weights.method == "gptq"
 
     @property
     def input_scheme(self) -> str | None:

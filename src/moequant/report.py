@@ -23,6 +23,7 @@ class WeightError:
     method: str
     relative_error: float        # with the shipped block scales
     relative_error_max: float    # with "max" block scales (the baseline MSE search improves on)
+    gptq_fallback: tuple[tuple[int | None, int], ...] = ()   # "gptq": (expert or None, formats.gptq reason)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,14 @@ class Report:
         """(expert x token evaluations in the observed forward, in targeted coverage passes), all layers."""
         return sum(c.main_evals for c in self.coverage), sum(c.extra_evals for c in self.coverage)
 
+    def gptq_fallback(self) -> dict[str, list[tuple[int | None, str]]]:
+        """Target key -> (expert or None, why) of every expert / linear whose codes are round to nearest under
+        "gptq" (its scales are the weighted search's either way)."""
+        from moequant.formats.gptq import FALLBACK_REASONS
+
+        return {w.key: [(e, FALLBACK_REASONS[r]) for e, r in w.gptq_fallback] for w in self.weight_errors
+                if w.gptq_fallback}
+
     def weight_error_totals(self) -> tuple[float, float]:
         """Mean relative error over targets: (shipped scales, max scales)."""
         if not self.weight_errors:
@@ -81,6 +90,12 @@ class Report:
         lines.append(f"  groups sharing scales: {len(self.groups)}")
         shipped, baseline = self.weight_error_totals()
         lines.append(f"  weight error (mean relative): {shipped:.6g} shipped vs {baseline:.6g} with max scales")
+        for key, fallback in self.gptq_fallback().items():
+            reasons: dict[str, list] = {}
+            for e, why in fallback:
+                reasons.setdefault(why, []).append(e)
+            lines.extend(f"  gptq fallback to round-to-nearest, {key}: " + ("" if None in ex else f"experts {ex}: ")
+                         + why for why, ex in reasons.items())
         lines.append("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_seconds.items()))
         if self.memory is not None:
             m = self.memory
@@ -97,8 +112,18 @@ def weight_errors(state: QuantState) -> list[WeightError]:
     for key, s in state.tensors.items():
         norm = float(s.sq_norm.sum())
         denom = norm if norm > 0 else 1.0
-        out.append(WeightError(key, s.method, float(s.sq_error.sum()) / denom, float(s.sq_error_max.sum()) / denom))
+        out.append(WeightError(key, s.method, float(s.sq_error.sum()) / denom, float(s.sq_error_max.sum()) / denom,
+                               _fallback(s.gptq_status)))
     return out
+
+
+def _fallback(status: torch.Tensor | None) -> tuple[tuple[int | None, int], ...]:
+    """(expert or None for a linear, reason) where ``status`` (``TensorScales.gptq_status``) is not GPTQ (0)."""
+    if status is None:
+        return ()
+    if status.ndim == 0:
+        return ((None, int(status)),) if int(status) else ()
+    return tuple((e, int(r)) for e, r in enumerate(status.tolist()) if r)
 
 
 def tensor_bytes(tensors) -> int:

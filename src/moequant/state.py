@@ -37,6 +37,7 @@ class TensorScales:
     sq_norm: torch.Tensor              # sum of squared weights, per expert (for relative error)
     input_scale: torch.Tensor | None = None
     codes: torch.Tensor | None = None
+    gptq_status: torch.Tensor | None = None   # "gptq": int8 per expert (0-d: linear), formats.gptq.GPTQ or why not
 
 
 @dataclass(frozen=True)

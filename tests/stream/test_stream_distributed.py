@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from dist_worker import rank_main, run
 
 
-@pytest.mark.parametrize("recipe", ["nvfp4-mse", "nvfp4-best"])   # best: float64 channel sums, folded in order
+@pytest.mark.parametrize("recipe", ["nvfp4-mse", "nvfp4-best", "nvfp4-gptq"])   # best, gptq: float64 sums, folded in order
 def test_two_gloo_processes_equal_one(model_dir, tmp_path, recipe):
     src = model_dir("qwen3_moe", dead_experts=True)   # under-covered experts: the coverage pass is reduced too
     mp.spawn(rank_main, args=(2, str(tmp_path / "rendezvous"), str(src), str(tmp_path / "two"), "gloo", 2, recipe),

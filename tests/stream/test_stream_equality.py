@@ -57,3 +57,20 @@ def test_streamed_weighted_search_with_dead_experts_equals_in_memory(model_dir, 
     assert sorted(mem) == sorted(streamed)
     for name in mem:
         assert mem[name] == streamed[name], name
+
+
+def test_streamed_gptq_equals_in_memory(model_dir, tmp_path):
+    """nvfp4-gptq streamed: X^T X observed before each layer's weights, GPTQ codes for the experts and linears
+    with enough tokens, round to nearest (listed) for the others -- the same bytes as in memory."""
+    src = model_dir("qwen3_moe", dead_experts=True)
+    rec = load_recipe("nvfp4-gptq", kv_cache="fp8", calibration={"samples": 8, "seq_len": 32})
+    in_memory(src, tmp_path / "mem", rec, "modelopt", max_shard_bytes=40_000)
+    result = quantize_streamed(src, tmp_path / "stream", rec, "modelopt", tokenizer=load_tokenizer(src),
+                               max_shard_bytes=40_000)
+    status = [r for s in result.state.tensors.values() for r in s.gptq_status.reshape(-1).tolist()]
+    assert 0 in status and any(status), "some experts use GPTQ, the dead ones fall back"
+    assert result.report.gptq_fallback()
+    mem, streamed = files_bytes(tmp_path / "mem"), files_bytes(tmp_path / "stream")
+    assert sorted(mem) == sorted(streamed)
+    for name in mem:
+        assert mem[name] == streamed[name], name
