@@ -56,7 +56,7 @@ OPTIONS = {
     "w4a16-gptq": ("nvfp4-gptq", None),
 }
 RESAMPLES = 2000
-quantize_module = importlib.import_module("moequant.quantize")   # the package's ``quantize`` is the function
+quantize_module = importlib.import_module("moequant.weights")
 CALIB = {"samples": 64, "seq_len": 512}
 
 

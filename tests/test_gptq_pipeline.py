@@ -11,7 +11,7 @@ from moequant.channel_stats import ChannelStats, hessians
 from moequant.formats import gptq
 from moequant.formats.fp4 import unpack_fp4
 from moequant.formats.nvfp4 import dequantize_nvfp4
-from moequant.quantize import canonical_weight
+from moequant.weights import canonical_weight
 from moequant.recipe import RecipeError, load_recipe
 
 SAMPLES = 8   # 8 x 32 tokens: the busy experts get more tokens than their input channels, the biased ones few

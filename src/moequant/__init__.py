@@ -16,7 +16,7 @@ used) is a ``MoequantError`` whose message names the file or tensor and the fix.
 from moequant.errors import MoequantError
 from moequant.discover import discover
 from moequant.plan import DiskSlice, Plan, Target
-from moequant.quantize import calibrate_weights
+from moequant.weights import calibrate_weights
 from moequant.state import KVScales, QuantState, Record, TensorScales
 from moequant.recipe import Recipe, load_recipe
 from moequant.pipeline import QuantResult, quantize

@@ -88,7 +88,7 @@ def _spec(checkpoint) -> tuple[Checkpoint, str, bool]:
 def load_fake_quantized(model_dir, checkpoint, device, trust_remote_code: bool = False) -> nn.Module:
     """The original model with the checkpoint's decoded weights and engine-like activation fake-quant."""
     from moequant.discover import discover
-    from moequant.quantize import canonical_weight
+    from moequant.weights import canonical_weight
 
     model = load_original(model_dir, "cpu", trust_remote_code)
     plan = discover(model)

@@ -52,7 +52,7 @@ from moequant.layerwise import (
 )
 from moequant.models.experts import ExpertsContainer, find_experts
 from moequant.plan import Plan
-from moequant.quantize import calibrate_weights
+from moequant.weights import calibrate_weights
 from moequant.recipe import Recipe, TargetScheme, apply_recipe, load_recipe
 from moequant.report import MemoryReport, Report, tensor_bytes, weight_errors
 from moequant.state import QuantState, TensorScales

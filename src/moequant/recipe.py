@@ -6,7 +6,7 @@ file name and line. Defaults live only in these dataclasses; a YAML file states 
 
     description: one line shown in ``--help`` and written into the checkpoint
     weights:     {format: nvfp4 | fp8, method: max | mse | weighted_mse | gptq, global_search: bool,
-                  four_over_six: bool}   (see moequant.quantize; weighted_mse and gptq observe activations
+                  four_over_six: bool}   (see moequant.weights; weighted_mse and gptq observe activations
                                           even for weight-only recipes; gptq: moequant.gptq_step)
     activations: nvfp4 | fp8 | none          none = weight-only (W4A16 / W8A16), no input scales
     targets:     all | experts               experts = only the fused routed-experts containers

@@ -16,7 +16,7 @@ from moequant.export import ExportError, export
 from moequant.formats.fp4 import decode_e2m1, pack_fp4
 from moequant.formats.fp8 import dequantize_fp8_tensor, quantize_fp8_tensor
 from moequant.formats.nvfp4 import BLOCK_SIZE, dequantize_nvfp4, quantize_nvfp4
-from moequant.quantize import canonical_weight
+from moequant.weights import canonical_weight
 from moequant.verify import iter_decoded, verify
 
 FORMATS = ("modelopt", "compressed-tensors")

@@ -8,7 +8,7 @@ import torch
 from moequant import calibrate_weights, discover
 from moequant.formats.fp8 import E4M3_MIN_SUBNORMAL, fp8_tensor_scale
 from moequant.formats.nvfp4 import GLOBAL_DIVISOR, WeightError, global_scale_from_amax, dequantize_nvfp4, quantize_nvfp4
-from moequant.quantize import canonical_weight
+from moequant.weights import canonical_weight
 from tiny_models import FAMILIES, MOE_FAMILIES, build
 
 
