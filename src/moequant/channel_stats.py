@@ -17,7 +17,8 @@ Second moments for "gptq" (``hessians=True``): the same inputs' ``X^T X`` sums, 
 target and ``[E, K, K]`` per experts projection (routed tokens only; no fallback: ``hessians`` marks experts
 with fewer than ``min_tokens`` routed tokens, or fewer tokens than input channels, so that their codes are
 rounded to nearest instead). They are kept on the device of the observed inputs (on the CPU under
-torch.distributed, where each call's sum is kept apart for the ranks' fold) and dropped per decoder layer
+torch.distributed, where each call's sum is kept apart for the ranks' fold: ``8 E K^2`` bytes per batch and
+projection until the layer's fold) and dropped per decoder layer
 (``drop_hessians``): memory ``8 K^2`` bytes per linear and ``8 E K^2`` per experts projection, e.g. 0.15 GiB
 for the built-in MoE's down projections (8 x 1536^2), 4 GiB for a Qwen3-30B-A3B gate_up (128 x 2048^2). Linears
 that read one tensor (q/k/v, gate/up) share one ``X^T X`` computation (the hook sees the same tensor object).
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from moequant.formats.gptq import FEW_TOKENS, GPTQ, RANK_DEFICIENT
+from moequant.gptq_step import GptqInput
 from moequant.models.experts import ExpertsContainer
 from moequant.plan import Plan
 
@@ -192,12 +195,9 @@ def channel_weights(plan: Plan, cs: ChannelStats, containers: dict[str, ExpertsC
 
 
 def hessians(plan: Plan, cs: ChannelStats, containers: dict[str, ExpertsContainer], keys: list[str],
-             min_tokens: int) -> dict:
+             min_tokens: int) -> dict[str, GptqInput]:
     """``gptq_step.GptqInput`` per target key: ``X^T X / T`` and, per expert, GPTQ or the fallback reason
     (fewer than ``min_tokens`` routed tokens; fewer tokens than input channels, so H is singular)."""
-    from moequant.formats.gptq import FEW_TOKENS, GPTQ, RANK_DEFICIENT
-    from moequant.gptq_step import GptqInput
-
     out = {}
     for key in keys:
         t = plan.target(key)
