@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 
 from moequant.formats.fp4 import decode_e2m1, encode_e2m1
-from moequant.formats.nvfp4 import BLOCK_SIZE, dequantize_nvfp4, expand_global, to_blocks
+from moequant.formats.nvfp4 import BLOCK_SIZE, dequantize_nvfp4, expand_global, squared_block_sum, to_blocks
 
 DAMP = 0.01
 COLUMN_BLOCK = BLOCK_SIZE
@@ -114,12 +114,7 @@ def code_block_squared_error(w: torch.Tensor, codes: torch.Tensor, global_scale:
                              block_scale: torch.Tensor) -> torch.Tensor:
     """Plain per-block squared error ``[..., N, K/16]`` (fp32, summed in index order as ``nvfp4``) of the weights
     that ship, ``dequantize_nvfp4(codes, ...)``, against ``w [..., N, K]``."""
-    diff = to_blocks(w) - to_blocks(dequantize_nvfp4(codes, global_scale, block_scale))
-    sq = diff * diff
-    total = sq[..., 0]
-    for i in range(1, BLOCK_SIZE):
-        total = total + sq[..., i]
-    return total
+    return squared_block_sum(to_blocks(w) - to_blocks(dequantize_nvfp4(codes, global_scale, block_scale)))
 
 
 def output_error(w: torch.Tensor, dequantized: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
