@@ -93,33 +93,32 @@ def ours_recipe():
 
 
 class WeightSearchMemory:
-    """Wraps ``pipeline._calibrate_weights`` to record the CUDA allocator's peak above what was allocated
+    """Wraps ``layers.step.layer_weights`` to record the CUDA allocator's peak above what was allocated
     when each call started (the model is resident, so this is the search's own extra memory)."""
 
     def __init__(self):
-        import moequant.pipeline as pipeline
+        import moequant.layers.step as step
 
-        self.pipeline, self.original, self.calls = pipeline, pipeline._calibrate_weights, []
+        self.step, self.original, self.calls = step, step.layer_weights, []
 
     def __enter__(self):
-        def wrapped(run, targets):
+        def wrapped(job, targets, stats, ranks):
             sync()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            self.original(run, targets)
+            out = self.original(job, targets, stats, ranks)
             sync()
             if targets:
-                weights = sum(run.model.get_submodule(t.module_path).get_parameter(t.param_name).nbytes
-                              for t in targets)
-                self.calls.append({"extra_peak": torch.cuda.max_memory_allocated() - base, "weights": weights,
-                                   "largest": max(run.model.get_submodule(t.module_path).get_parameter(
-                                       t.param_name).nbytes for t in targets)})
+                sizes = [job.model.get_submodule(t.module_path).get_parameter(t.param_name).nbytes for t in targets]
+                self.calls.append({"extra_peak": torch.cuda.max_memory_allocated() - base, "weights": sum(sizes),
+                                   "largest": max(sizes)})
+            return out
 
-        self.pipeline._calibrate_weights = wrapped
+        self.step.layer_weights = wrapped
         return self
 
     def __exit__(self, *exc):
-        self.pipeline._calibrate_weights = self.original
+        self.step.layer_weights = self.original
 
 
 def run_ours(model, tokens, out_dir: str, recipe) -> dict:

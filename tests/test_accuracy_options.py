@@ -71,13 +71,13 @@ def test_weight_only_weighted_observes_but_has_no_input_scales(model):
 
 
 def test_channel_weights_floor_and_fallback(model):
-    from moequant.channel_stats import channel_weights
-    from moequant.pipeline import _start
+    from moequant.channel_stats import ChannelStats, channel_weights
+    from moequant.layers.job import start_job
 
-    run = _start(model, recipe("nvfp4-best"), None, "torch", False, True)
-    assert run.stats.channels is not None and FLOOR > 0
+    job, _ = start_job(model, recipe("nvfp4-best"), None, "torch", True)
+    assert job.recipe.needs_channel_stats and FLOOR > 0
     with pytest.raises(KeyError):
-        channel_weights(run.plan, run.stats.channels, run.containers, [run.plan.targets[0].key], 16)
+        channel_weights(job.plan, ChannelStats(), job.containers, [job.plan.targets[0].key], 16)
 
 
 def test_searched_global_scales_export_and_verify(model, tmp_path):
@@ -94,7 +94,7 @@ def test_in_memory_weighted_search_ignores_a_process_group(model, monkeypatch):
     """quantize() never folds ranks' statistics (only the streamed path does), so a torch.distributed group
     that happens to be up (e.g. a user's torchrun script) must not change what it observes."""
     alone = _run(model, "nvfp4-best")
-    import moequant.distributed as distributed
+    import moequant.layers.ranks as distributed
 
     monkeypatch.setattr(distributed.Ranks, "current", classmethod(lambda cls: object()))
     inside = _run(model, "nvfp4-best")

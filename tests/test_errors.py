@@ -15,7 +15,7 @@ from moequant.cli import main
 from moequant.errors import MoequantError
 
 # control flow inside one function call, never raised to a caller: not an error a user can cause
-INTERNAL = {"moequant.layerwise._StopForward"}
+INTERNAL = {"moequant.layers.inputs._StopForward"}
 # a subclass must keep the base it had before MoequantError existed, so that old ``except`` clauses still work
 COMPAT_BASES = {
     "CalibrationError": RuntimeError, "CalibrationDataError": ValueError, "DemoUnavailable": RuntimeError,

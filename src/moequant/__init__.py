@@ -19,7 +19,7 @@ from moequant.plan import DiskSlice, Plan, Target
 from moequant.weights import calibrate_weights
 from moequant.state import KVScales, QuantState, Record, TensorScales
 from moequant.recipe import Recipe, load_recipe
-from moequant.pipeline import QuantResult, quantize
+from moequant.layers.in_memory import QuantResult, quantize
 from moequant.export import ExportError, export
 from moequant.verify import VerifyResult, verify
 

@@ -49,10 +49,20 @@ class Target:
     scheme: str = "nvfp4"
     group: str | None = None     # targets with the same group id share one global scale
     slices: tuple[DiskSlice, ...] = ()
+    expert_offset: int = 0       # a range of a fused-experts target (``expert_range``): its first expert
 
     @property
     def num_experts(self) -> int | None:
         return self.shape[0] if self.kind == "experts" else None
+
+    def expert_range(self, start: int, stop: int) -> "Target":
+        """Experts ``start..stop-1`` of this fused-experts target as a target of its own (same key, group and
+        on-disk slices; canonical index ``e`` of the range is expert ``start + e``): torchrun ranks split a MoE
+        layer's weight work by such ranges. Every per-expert quantity is computed per expert, so the ranges'
+        results, concatenated, are the whole target's."""
+        if self.kind != "experts" or not 0 <= start < stop <= self.shape[0] or self.expert_offset:
+            raise ValueError(f"{self.key}: no expert range {start}..{stop} of a target of shape {self.shape}")
+        return replace(self, shape=(stop - start,) + self.shape[1:], expert_offset=start)
 
 
 def disk_name_of(target: Target, where: int | Sequence[int]) -> str:
@@ -64,6 +74,7 @@ def disk_name_of(target: Target, where: int | Sequence[int]) -> str:
     tensor written whole gets `` (expert e)``; with no matching slice, the target key.
     """
     if isinstance(where, int):
+        where += target.expert_offset
         names = [s.name for s in target.slices if s.expert == where]
         return ", ".join(names) if names else _whole_name(target, where)
     return disk_position(target, where)[0]
@@ -73,6 +84,8 @@ def disk_position(target: Target, index: Sequence[int]) -> tuple[str, list[int]]
     """(on-disk name, index within that tensor) of canonical element ``index`` (see ``disk_name_of``); the
     index is in the canonical ``[rows, K]`` orientation of the slice (``[e, n, k]`` for a tensor written whole)."""
     index = list(index)
+    if target.kind == "experts":
+        index[0] += target.expert_offset
     expert = index[0] if target.kind == "experts" else None
     row = index[-2]
     for s in target.slices:

@@ -1,6 +1,6 @@
 """``quantize_model``: the whole job, read top to bottom (the CLI only parses arguments and calls this).
 
-    model dir -> streamed quantize + export, one decoder layer in memory, resumable (``stream.py``)
+    model dir -> streamed quantize + export, one decoder layer in memory, resumable (``layers/streamed.py``)
               (or, ``stream=False``: load the whole model -> quantize layer by layer -> export (atomic))
               -> verify
     -> summary + report.html + moequant_report.json in the output directory
@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 
 from moequant.data import load_tokenizer
-from moequant.distributed import Ranks, init_from_env
+from moequant.layers.ranks import Ranks, init_from_env
 from moequant.export import export
 from moequant.export.outdir import output_lock, reported_os_errors
 from moequant.export.writer import _check_target
 from moequant.html_report import render
 from moequant.model_ref import ModelDirError, check_model_dir, model_name, resolve_model
-from moequant.pipeline import QuantResult, quantize
+from moequant.layers.in_memory import QuantResult, quantize
 from moequant.recipe import load_recipe
-from moequant.stream import quantize_streamed
+from moequant.layers.streamed import quantize_streamed
 from moequant.verify import VerifyResult, verify
 
 BUILTIN_SAMPLES, BUILTIN_SEQ_LEN = 16, 256  # the default model on a 2-core CPU: well under a minute
@@ -97,8 +97,8 @@ def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nv
     ``out`` (default ``./<model name>-<recipe>``) must not be, lie inside, or contain the model directory,
     even with ``overwrite``: the source is never touched.
     ``stream`` (default): one decoder layer in memory at a time, read from the safetensors shards, with a
-    journal next to ``out`` that a rerun of a killed run continues from (``moequant.stream``); False: load
-    the whole model, then quantize and export it (``pipeline.quantize`` + ``export.export``): same bytes.
+    journal next to ``out`` that a rerun of a killed run continues from (``layers/streamed.py``); False: load
+    the whole model, then quantize and export it (``layers/in_memory.quantize`` + ``export.export``): same bytes.
     Under ``torchrun`` every rank calls this (``distributed.py``); ranks other than 0 return None."""
     seconds = {}
     rec = load_recipe(recipe, **_overrides(samples, seq_len, kv_cache, dead_experts))

@@ -32,8 +32,10 @@ METHODS = ("mse", "max", "weighted_mse", "gptq")
 
 
 def canonical_weight(model: nn.Module, target: Target) -> torch.Tensor:
-    """The ``[N, K]`` / ``[E, N, K]`` view of a target's parameter (no copy)."""
+    """The ``[N, K]`` / ``[E, N, K]`` view of a target's parameter (no copy); an expert range's experts only."""
     p = model.get_submodule(target.module_path).get_parameter(target.param_name)
+    if target.kind == "experts" and (target.expert_offset or target.shape[0] != p.shape[0]):
+        p = p[target.expert_offset:target.expert_offset + target.shape[0]]
     return p.transpose(-1, -2) if target.transposed else p
 
 

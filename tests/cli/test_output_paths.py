@@ -10,7 +10,7 @@ import pytest
 from model_dirs import tree_state
 from moequant.cli import main
 from moequant.export.writer import ExportError, write_checkpoint
-from moequant.stream import quantize_streamed
+from moequant.layers.streamed import quantize_streamed
 
 FAST = ["--samples", "2", "--seq-len", "16", "--device", "cpu", "--quiet"]
 

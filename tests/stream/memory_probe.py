@@ -15,12 +15,12 @@ def main(src: str, out: str, mode: str) -> None:
     recipe = load_recipe("nvfp4-w4a16", weights={"method": "max"})
     start = time.perf_counter()
     if mode == "stream":
-        from moequant.stream import quantize_streamed
+        from moequant.layers.streamed import quantize_streamed
 
         quantize_streamed(src, out, recipe, max_shard_bytes=4 * 2**20)
     else:
         from moequant.export import export
-        from moequant.pipeline import quantize
+        from moequant.layers.in_memory import quantize
         from moequant.run import load_model
 
         model = load_model(Path(src))

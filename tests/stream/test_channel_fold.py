@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import moequant.distributed as distributed
+import moequant.layers.ranks as distributed
 from moequant.calibrate import CalibrationError
 from moequant.channel_stats import ChannelStats
 

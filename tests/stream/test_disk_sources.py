@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import moequant.skeleton as skeleton
+import moequant.layers.meta_model as skeleton
 from moequant.models.experts import UnsupportedModelError
 
 META = {"experts.down_proj": torch.empty(3, 4, 5, device="meta"), "norm.weight": torch.empty(6, device="meta")}

@@ -1,4 +1,5 @@
-"""2 processes over gloo (samples dealt out, amax reduced, weight search split) write one process's bytes."""
+"""2 and 8 processes over gloo (samples dealt out, amax reduced, weight search split by groups and expert
+ranges) write one process's bytes."""
 
 from pathlib import Path
 
@@ -20,6 +21,47 @@ def test_two_gloo_processes_equal_one(model_dir, tmp_path, recipe):
     assert sorted(one) == sorted(two)
     for name, data in one.items():
         assert two[name] == data, name
+
+
+def _same_files(a: Path, b: Path) -> None:
+    one = {p.name: p.read_bytes() for p in sorted(a.iterdir())}
+    other = {p.name: p.read_bytes() for p in sorted(b.iterdir())}
+    assert sorted(one) == sorted(other)
+    for name, data in one.items():
+        assert other[name] == data, name
+
+
+def test_eight_gloo_processes_equal_one(model_dir, tmp_path):
+    """8 ranks on a layer of two experts projections and one attention group: every rank gets work (expert
+    ranges), and the bytes are one process's. One sequence per batch: 8 batches, one per rank."""
+    src = model_dir("qwen3_moe", dead_experts=True)
+    mp.spawn(rank_main, args=(8, str(tmp_path / "rendezvous"), str(src), str(tmp_path / "eight"), "gloo", 1,
+                              "nvfp4-mse", 8), nprocs=8, join=True)
+    run(str(src), str(tmp_path / "one"), batch_size=1, samples=8)
+    _same_files(tmp_path / "one", tmp_path / "eight")
+
+
+def test_expert_ranges_give_every_rank_work(model_dir):
+    """The unit split: with 8 ranks, a MoE layer's experts projections are cut into expert ranges so that all 8
+    ranks search something; the ranges of a target cover its experts exactly once, in order."""
+    from moequant import discover
+    from moequant.layers.ranks import Ranks
+    from moequant.run import load_model
+
+    plan = discover(load_model(model_dir("qwen3_moe")))
+    layer0 = [t for t in plan.targets if t.layer == 0]
+    for world in (1, 2, 3, 8):
+        mine = []
+        for rank in range(world):
+            r = Ranks.__new__(Ranks)
+            r.rank, r.world = rank, world
+            mine.append(r.my_units(layer0))
+        assert all(mine), f"world {world}: a rank without work"
+        for t in (t for t in layer0 if t.kind == "experts"):
+            ranges = sorted((u[0].expert_offset, u[0].shape[0]) for m in mine for u in m if u[0].key == t.key)
+            starts = [o for o, _ in ranges]
+            assert starts[0] == 0 and sum(n for _, n in ranges) == t.shape[0], (world, t.key, ranges)
+            assert all(o + n == nxt for (o, n), nxt in zip(ranges, starts[1:] + [t.shape[0]]))
 
 
 @pytest.mark.gpu

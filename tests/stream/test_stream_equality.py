@@ -6,10 +6,10 @@ import pytest
 
 from moequant.data import load_tokenizer
 from moequant.export import export
-from moequant.pipeline import quantize
+from moequant.layers.in_memory import quantize
 from moequant.recipe import load_recipe
 from moequant.run import load_model
-from moequant.stream import quantize_streamed
+from moequant.layers.streamed import quantize_streamed
 
 CALIB = {"calibration": {"samples": 4, "seq_len": 32}}
 

@@ -10,7 +10,7 @@ import pytest
 from moequant.formats.nvfp4 import WeightError
 from moequant.recipe import load_recipe
 from moequant.safetensors_source import ShardError, read_header
-from moequant.stream import quantize_streamed
+from moequant.layers.streamed import quantize_streamed
 
 RECIPE = load_recipe("nvfp4-w4a16")
 

@@ -12,14 +12,15 @@ from model_dirs import save_model_dir
 from moequant.data import load_tokenizer
 from moequant.journal import JournalMismatch, partial_dir
 from moequant.recipe import load_recipe
-from moequant.stream import KILL_AFTER_LAYER_ENV, quantize_streamed
+from moequant.layers.sinks import KILL_AFTER_LAYER_ENV
+from moequant.layers.streamed import quantize_streamed
 
 RECIPE = {"kv_cache": "fp8", "calibration": {"samples": 4, "seq_len": 32}}
 CHILD = """
 import sys
 from moequant.data import load_tokenizer
 from moequant.recipe import load_recipe
-from moequant.stream import quantize_streamed
+from moequant.layers.streamed import quantize_streamed
 src, out = sys.argv[1], sys.argv[2]
 rec = load_recipe("nvfp4-mse", kv_cache="fp8", calibration={"samples": 4, "seq_len": 32})
 quantize_streamed(src, out, rec, "modelopt", tokenizer=load_tokenizer(src), max_shard_bytes=40_000)

@@ -19,7 +19,7 @@ from moequant.verify.decode import (
 )
 
 FORBIDDEN = ("moequant.formats", "moequant.kernels", "moequant.weights", "moequant.export", "moequant.state",
-             "moequant.plan", "moequant.discover", "moequant.models", "moequant.calibrate", "moequant.pipeline")
+             "moequant.plan", "moequant.discover", "moequant.models", "moequant.calibrate", "moequant.layers.in_memory")
 
 
 def _imports(path: Path) -> list[str]:

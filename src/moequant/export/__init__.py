@@ -5,15 +5,18 @@
 
 Composition: ``common.check_exportable`` (refuses what a format cannot hold, naming the tensor) ->
 format module (``modelopt_hf`` / ``compressed_tensors``: the quantized tensors and config dicts, tabled in
-their docstrings) + ``common.unquantized_specs`` (everything else, names and dtypes as ``save_pretrained``
-writes them) -> ``writer.write_checkpoint`` (sharded, atomic) with ``hf_files`` adding config.json,
+their docstrings; a pure mapping of the state) + ``common.unquantized_tensors`` (everything else, names and
+dtypes as ``save_pretrained`` writes them), one part per decoder layer (``part_specs``) -> ``writer.write_checkpoint`` (sharded, atomic) with ``hf_files`` adding config.json,
 hf_quant_config.json, the generation config and the source's tokenizer files. The model is only read.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 from torch import nn
 
@@ -22,14 +25,13 @@ from moequant.export.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     ExportError,
     TensorSpec,
-    natural_key,
     write_checkpoint,
 )
 from moequant.state import QuantState
 
 FORMATS = ("modelopt", "compressed-tensors")
 
-__all__ = ["FORMATS", "ExportError", "TensorSpec", "checkpoint_extras", "export", "part_specs", "tensor_specs"]
+__all__ = ["FORMATS", "ExportError", "TensorSpec", "checkpoint_extras", "export", "part_specs", "part_state"]
 
 
 def _metadata(state: QuantState, fmt: str, recipe) -> dict:
@@ -56,36 +58,29 @@ def format_configs(model: nn.Module, state: QuantState, fmt: str) -> tuple[dict,
     return compressed_tensors.quantization_config(state, exclude), None
 
 
-def tensor_specs(model: nn.Module, state: QuantState, fmt: str, prefix: str = "",
-                 exclude_prefix: str | None = None, *, check: bool = True) -> list[TensorSpec]:
-    """Every tensor of the checkpoint (quantized targets, KV scales, unquantized tensors under ``prefix``).
-    ``check=False``: the caller has run ``common.check_exportable`` on this state already."""
-    if state.plan.targets:
-        if check:
-            common.check_exportable(state)
-        mod = modelopt_hf if fmt == "modelopt" else compressed_tensors
-        quantized = mod.tensor_specs(model, state)
-    else:  # a part without quantized targets (a dense layer under an experts-only recipe): KV scales only
-        quantized = modelopt_hf.kv_specs(state) if fmt == "modelopt" else compressed_tensors.kv_specs(state)
-    return common.unquantized_specs(model, state, prefix, exclude_prefix) + quantized
+def part_specs(state: QuantState, fmt: str, unquantized: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
+    """The checkpoint's tensors of one part (a decoder layer, or everything outside the decoder layers): the
+    quantized tensors and KV scales of ``state`` (that part's targets; already through
+    ``common.check_exportable``) and ``unquantized`` (on-disk name -> tensor, ``common.unquantized_tensors``).
+    A pure mapping: no model, no computation. The in-memory export and the streamed writer both write the
+    checkpoint as these parts, so a shard never spans two of them and both write the same bytes."""
+    mod = modelopt_hf if fmt == "modelopt" else compressed_tensors
+    quantized = mod.tensor_specs(state) if state.plan.targets else mod.kv_specs(state)   # a part may have none
+    names = {s.name for s in quantized}
+    clash = sorted(names & set(unquantized))
+    if clash:
+        raise ExportError(f"{clash[0]}: both a quantized tensor and an unquantized one; exporter bug")
+    return [TensorSpec(n, tuple(t.shape), t.dtype, (lambda t=t: t)) for n, t in unquantized.items()] + quantized
 
 
-def part_specs(model: nn.Module, state: QuantState, fmt: str, layers_path: str, layer: int | None,
-               ) -> list[TensorSpec]:
-    """The checkpoint's tensors of one part: decoder layer ``layer`` (its targets, KV scales and unquantized
-    tensors), or with ``layer=None`` everything outside the decoder layers. The in-memory export and the
-    streamed path (one layer in memory at a time) both write the checkpoint as these parts, so a shard never
-    spans two of them and both write the same bytes. Reads only that part's tensors; the state must already
-    have passed ``common.check_exportable``."""
-    inside = layers_path + "."
-    prefix = inside if layer is None else f"{inside}{layer}."
+def part_state(state: QuantState, prefix: str, layer: int | None) -> QuantState:
+    """The targets and KV scales of one part of ``state``: decoder layer ``layer`` (its KV scales under
+    ``prefix``, the layer's path + "."), or ``layer=None`` and ``prefix`` the decoder layers' path + ".":
+    everything outside them."""
     targets = tuple(t for t in state.plan.targets if t.layer == layer)
     kv = {p: v for p, v in state.kv_cache.items() if p.startswith(prefix) != (layer is None)}
-    sub = QuantState(state.plan.with_targets(targets, state.plan.excluded),
-                     {t.key: state.tensors[t.key] for t in targets}, state.backend, state.method, kv, state.kv_scheme)
-    if layer is None:
-        return tensor_specs(model, sub, fmt, prefix="", exclude_prefix=inside, check=False)
-    return tensor_specs(model, sub, fmt, prefix=prefix, check=False)
+    return QuantState(state.plan.with_targets(targets, state.plan.excluded),
+                      {t.key: state.tensors[t.key] for t in targets}, state.backend, state.method, kv, state.kv_scheme)
 
 
 def checkpoint_extras(model: nn.Module, state: QuantState, fmt: str, source_dir, recipe):
@@ -123,7 +118,13 @@ def export(
 
     common.check_exportable(state)
     layers_path, layers = decoder_layers(model)
-    parts = [part_specs(model, state, format, layers_path, i) for i in [None, *range(len(layers))]]
+    inside = layers_path + "."
+    parts = [part_specs(part_state(state, inside, None), format,
+                        common.unquantized_tensors(model, state.plan, "", inside))]
+    for i in range(len(layers)):
+        prefix = f"{inside}{i}."
+        parts.append(part_specs(part_state(state, prefix, i), format,
+                                common.unquantized_tensors(model, state.plan, prefix)))
     write_extras = checkpoint_extras(model, state, format, source_dir, recipe)
     return write_checkpoint(out_dir, parts, write_extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                             source_dir=source_dir)

@@ -17,7 +17,7 @@ from torch import nn
 from moequant.export.writer import ExportError, TensorSpec, natural_key
 from moequant.formats.nvfp4 import BLOCK_SIZE
 from moequant.models.disk_names import disk_slices, revert_weight_conversion
-from moequant.plan import Target
+from moequant.plan import Plan, Target
 from moequant.state import QuantState, Record
 
 FUSED_ON_DISK_REFUSAL = (
@@ -154,24 +154,23 @@ def block_cols(target: Target) -> int:
     return target.shape[-1] // BLOCK_SIZE
 
 
-def unquantized_specs(model: nn.Module, state: QuantState, prefix: str = "",
-                      exclude_prefix: str | None = None) -> list[TensorSpec]:
-    """Every tensor ``save_pretrained`` would write that is not a quantized target, original dtype and name.
-
-    Only in-memory tensors under ``prefix`` and not under ``exclude_prefix`` (streaming writes one decoder
-    layer at a time; the others may be on the meta device)."""
+def unquantized_tensors(model: nn.Module, plan: Plan, prefix: str = "",
+                        exclude_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """On-disk name -> tensor of everything ``save_pretrained`` would write that is not a quantized target,
+    original dtype and name: only in-memory tensors under ``prefix`` and not under ``exclude_prefix`` (the
+    streamed run holds one decoder layer at a time; the others are on the meta device)."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    targets = {t.key for t in state.plan.targets}
+    targets = {t.key for t in plan.targets}
     sd = {k: v for k, v in model.state_dict().items() if k not in targets and k.startswith(prefix)
           and not (exclude_prefix and k.startswith(exclude_prefix))}
     sd = remove_tied_weights_from_state_dict(sd, model)
     reverted = revert_weight_conversion(model, sd)
-    quantized = {s.name for t in state.plan.targets for s in t.slices}
+    quantized = {s.name for t in plan.targets for s in t.slices}
     clash = sorted(set(reverted) & quantized)
     if clash:
         raise ExportError(f"{clash[0]}: both a quantized slice and an unquantized tensor; exporter bug")
-    return [TensorSpec(n, tuple(t.shape), t.dtype, (lambda t=t: t)) for n, t in reverted.items()]
+    return dict(reverted)
 
 
 def _container_names(model: nn.Module, path: str) -> tuple[str, list[str]]:

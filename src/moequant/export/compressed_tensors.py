@@ -42,7 +42,6 @@ Sources (full citations in docs/checkpoint-formats.md section 2):
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from moequant.export import common
 from moequant.export.writer import TensorSpec
@@ -56,7 +55,7 @@ def _inverse(x: torch.Tensor) -> torch.Tensor:
     return torch.reciprocal(x.to(torch.float32))
 
 
-def _nvfp4_specs(model: nn.Module, state: QuantState, name: str, rec, target) -> list[TensorSpec]:
+def _nvfp4_specs(name: str, rec, target) -> list[TensorSpec]:
     m = common.module_name(name)
     rows = common.weight_rows(target, rec)
     specs = [
@@ -71,7 +70,7 @@ def _nvfp4_specs(model: nn.Module, state: QuantState, name: str, rec, target) ->
     return specs
 
 
-def _fp8_specs(model: nn.Module, name: str, rec, target) -> list[TensorSpec]:
+def _fp8_specs(name: str, rec, target) -> list[TensorSpec]:
     m = common.module_name(name)
     specs = [
         TensorSpec(f"{m}.weight", (common.weight_rows(target, rec), target.shape[-1]), torch.float8_e4m3fn,
@@ -83,7 +82,7 @@ def _fp8_specs(model: nn.Module, name: str, rec, target) -> list[TensorSpec]:
     return specs
 
 
-def tensor_specs(model: nn.Module, state: QuantState) -> list[TensorSpec]:
+def tensor_specs(state: QuantState) -> list[TensorSpec]:
     """Every quantized tensor and KV scale of the checkpoint (unquantized tensors come from ``common``)."""
     scheme = common.scheme_of(state)
     targets = {t.key: t for t in state.plan.targets}
@@ -91,9 +90,9 @@ def tensor_specs(model: nn.Module, state: QuantState) -> list[TensorSpec]:
     for name, rec in state.records().items():
         target = targets[rec.target]
         if scheme == "nvfp4":
-            specs.extend(_nvfp4_specs(model, state, name, rec, target))
+            specs.extend(_nvfp4_specs(name, rec, target))
         else:
-            specs.extend(_fp8_specs(model, name, rec, target))
+            specs.extend(_fp8_specs(name, rec, target))
     return specs + kv_specs(state)
 
 

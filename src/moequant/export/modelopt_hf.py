@@ -39,7 +39,6 @@ Sources (see docs/checkpoint-formats.md sections 0, 1 and 3 for the full citatio
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from moequant.export import common
 from moequant.export.writer import TensorSpec
@@ -62,7 +61,7 @@ def quant_algo(state: QuantState) -> str:
     return "NVFP4" if has_inputs else "W4A16_NVFP4"
 
 
-def _record_specs(model: nn.Module, state: QuantState, algo: str) -> list[TensorSpec]:
+def _record_specs(state: QuantState, algo: str) -> list[TensorSpec]:
     specs = []
     targets = {t.key: t for t in state.plan.targets}
     for name, rec in state.records().items():
@@ -92,9 +91,9 @@ def kv_specs(state: QuantState) -> list[TensorSpec]:
     return specs
 
 
-def tensor_specs(model: nn.Module, state: QuantState) -> list[TensorSpec]:
+def tensor_specs(state: QuantState) -> list[TensorSpec]:
     """Every quantized tensor and KV scale of the checkpoint (unquantized tensors come from ``common``)."""
-    return _record_specs(model, state, quant_algo(state)) + kv_specs(state)
+    return _record_specs(state, quant_algo(state)) + kv_specs(state)
 
 
 def _activation_args(algo: str) -> dict | None:

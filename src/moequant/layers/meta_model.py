@@ -139,14 +139,26 @@ def init_non_persistent_buffers(model: nn.Module, prefix: str = "", exclude_pref
                 owner._buffers[leaf] = buf.to(device)
 
 
-def load_into(model: nn.Module, source: SafetensorsSource, prefix: str, exclude_prefix: str | None = None,
-              device: torch.device | str = "cpu") -> int:
-    """Load every tensor under ``prefix`` from ``source`` onto ``device`` (ties kept); returns the bytes loaded.
-    Straight to the compute device: a decoder layer is read once and never moved back and forth."""
-    device = torch.device(device)
+def read_plan(model: nn.Module, prefix: str, exclude_prefix: str | None = None) -> dict[str, tuple]:
+    """In-memory key -> (meta tensor, [(on-disk name, rows)]) for every tensor under ``prefix`` (ties kept once):
+    what ``read_tensors`` reads. Looks at the model's structure, so it runs where the model is used."""
     metas = loadable_keys(model, prefix, exclude_prefix)
     sources = disk_sources(model, metas)
-    values = {key: _read(source, key, meta, sources[key], device) for key, meta in metas.items()}
+    return {key: (meta, sources[key]) for key, meta in metas.items()}
+
+
+def read_tensors(source: SafetensorsSource, plan: dict[str, tuple], device: torch.device | str = "cpu",
+                 ) -> dict[str, torch.Tensor]:
+    """In-memory key -> its tensor read from ``source`` onto ``device`` (``plan``: ``read_plan``). Touches no
+    model, so it may run in a background thread while the previous layer computes (``sources.ShardLayers``)."""
+    device = torch.device(device)
+    return {key: _read(source, key, meta, parts, device) for key, (meta, parts) in plan.items()}
+
+
+def install(model: nn.Module, values: dict[str, torch.Tensor], prefix: str, exclude_prefix: str | None = None,
+            device: torch.device | str = "cpu") -> int:
+    """Give the model's (meta) parameters and persistent buffers ``values`` (``read_tensors``), ties kept, and
+    compute the non-persistent buffers under ``prefix``; returns the bytes installed."""
     by_id = {}
     for key, meta in model.state_dict(keep_vars=True).items():
         if key in values:
@@ -161,6 +173,14 @@ def load_into(model: nn.Module, source: SafetensorsSource, prefix: str, exclude_
             by_id[id(p)] = slot[leaf]
     init_non_persistent_buffers(model, prefix, exclude_prefix, device)
     return sum(v.numel() * v.element_size() for v in values.values())
+
+
+def load_into(model: nn.Module, source: SafetensorsSource, prefix: str, exclude_prefix: str | None = None,
+              device: torch.device | str = "cpu") -> int:
+    """Load every tensor under ``prefix`` from ``source`` onto ``device`` (ties kept); returns the bytes loaded.
+    Straight to the compute device: a decoder layer is read once and never moved back and forth."""
+    values = read_tensors(source, read_plan(model, prefix, exclude_prefix), device)
+    return install(model, values, prefix, exclude_prefix, device)
 
 
 def free(module: nn.Module) -> None:

@@ -2,9 +2,10 @@
 
 Every rank streams every decoder layer. Per layer:
   * weight search: the layer's targets are cut into units (a weight group such as q/k/v, which must share one
-    global scale, or a single target: an experts container's ``gate_up_proj`` / ``down_proj``), unit ``u`` is
-    searched by rank ``u % world`` with the same function a single process uses, and rank 0 gathers the
-    scales (``gather_object``);
+    global scale; a single linear; a range of an experts projection's experts, ``Ranks.units``), balanced over
+    the ranks by size, searched with the same function a single process uses (every per-expert quantity is
+    computed per expert, so ranges concatenated equal the whole), and rank 0 gathers the results
+    (``gather_object``): the ranks exchange data, they share no object;
   * calibration: the calibration batches are dealt out (rank ``r`` runs batches ``r, r + world, ...``, the very
     batches of one process, so every forward is the same computation); after the layer's forward the
     observations are all-reduced, before any decision is taken on them: activation, KV and per-expert amax with
@@ -20,6 +21,7 @@ too (memory: the layer's per-batch sums, [E, H] + [E, I] float64 per experts con
 from __future__ import annotations
 
 import io
+import math
 import os
 
 import torch
@@ -61,33 +63,53 @@ class Ranks:
 
     # ------------------------------------------------------------------ weight search
 
-    @staticmethod
-    def _units(targets: list) -> list[list]:
-        units, by_group = [], {}
+    def units(self, targets: list) -> list[list]:
+        """The layer's weight work cut into units: a weight group (one global scale: searched together), a
+        single linear, or a range of a fused-experts target's experts (each target cut into ``world`` ranges, so
+        that every rank has work even on a layer of two experts projections). Each rank takes the units a
+        greedy balance by element count gives it (largest first, to the least loaded rank, lowest rank on
+        ties): the same assignment on every rank."""
+        cut, by_group = [], {}
         for t in targets:
-            if t.group is None:
-                units.append([t])
-            elif t.group in by_group:
+            if t.group is not None:
+                if t.group not in by_group:
+                    by_group[t.group] = []
+                    cut.append(by_group[t.group])
                 by_group[t.group].append(t)
+            elif t.kind == "experts" and t.shape[0] > 1:
+                n = t.shape[0]
+                bounds = sorted({n * j // self.world for j in range(self.world)} | {n})
+                cut += [[t.expert_range(lo, hi)] for lo, hi in zip(bounds, bounds[1:])]
             else:
-                by_group[t.group] = [t]
-                units.append(by_group[t.group])
-        return units
+                cut.append([t])
+        return cut
 
-    def mine(self, targets: list) -> list:
-        return [t for u, unit in enumerate(self._units(targets)) if u % self.world == self.rank for t in unit]
+    def my_units(self, targets: list) -> list[list]:
+        units = self.units(targets)
+        size = [sum(math.prod(t.shape) for t in u) for u in units]
+        load, mine = [0] * self.world, []
+        for u in sorted(range(len(units)), key=lambda u: (-size[u], u)):
+            rank = min(range(self.world), key=lambda r: (load[r], r))
+            load[rank] += size[u]
+            if rank == self.rank:
+                mine.append(units[u])
+        return mine
 
-    def gather_scales(self, run, targets: list) -> None:
-        """Rank 0 receives every rank's scales of ``targets`` (into ``run.tensors``) and backends."""
+    def gather_pieces(self, pieces: list, backends: set) -> tuple[list, set]:
+        """Rank 0 receives every rank's (expert offset, TensorScales) pieces and backends; the other ranks get
+        nothing back (they write nothing)."""
         buf = io.BytesIO()   # torch.save, not pickle: the object collectives' unpickler rejects float8 tensors
-        torch.save(({t.key: run.tensors[t.key] for t in self.mine(targets)}, sorted(run.backends)), buf)
+        torch.save((pieces, sorted(backends)), buf)
         gathered = [None] * self.world if self.writer else None
         dist.gather_object(buf.getvalue(), gathered, dst=0)
-        if self.writer:
-            for blob in gathered:
-                tensors, backends = torch.load(io.BytesIO(blob), weights_only=False)
-                run.tensors.update(tensors)
-                run.backends.update(backends)
+        if not self.writer:
+            return [], set()
+        everything, used = [], set()
+        for blob in gathered:
+            got, names = torch.load(io.BytesIO(blob), weights_only=False)
+            everything += got
+            used.update(names)
+        return everything, used
 
     # ------------------------------------------------------------------ observations
 
@@ -96,9 +118,10 @@ class Ranks:
         dist.all_reduce(x, op=op)
         return x.to(t.device).reshape(t.shape)
 
-    def reduce_observations(self, run, prefix: str) -> None:
-        """MAX of activation / KV / expert amax, SUM of routed-token counts, for the modules under ``prefix``."""
-        stats, mx, sm = run.stats, dist.ReduceOp.MAX, dist.ReduceOp.SUM
+    def reduce_observations(self, stats, prefix: str) -> None:
+        """MAX of activation / KV / expert amax, SUM of routed-token counts, for the modules under ``prefix``
+        (in ``stats``: the layer step's own statistics)."""
+        mx, sm = dist.ReduceOp.MAX, dist.ReduceOp.SUM
         for key in sorted(k for k in stats.linear_amax if k.startswith(prefix)):
             stats.linear_amax[key] = self._reduce(stats.linear_amax[key], mx)
         for path in sorted(p for p in stats.experts if p.startswith(prefix)):
@@ -131,11 +154,11 @@ class Ranks:
                        for p in per_rank[b % self.world][(b // self.world) * calls:(b // self.world + 1) * calls]]
             sums.fold(ordered, sum((g[i][3] for g in gathered), torch.zeros_like(sums.count)))
 
-    def reduce_expert_amax(self, run, prefix: str) -> None:
+    def reduce_expert_amax(self, expert_amax: dict) -> dict:
         """MAX of the per-expert input amax after the coverage pass (which ran on each rank's own tokens)."""
-        for path in sorted(p for p in run.expert_amax if p.startswith(prefix)):
-            gate_up, down = run.expert_amax[path]
-            run.expert_amax[path] = (self._reduce(gate_up, dist.ReduceOp.MAX), self._reduce(down, dist.ReduceOp.MAX))
+        mx = dist.ReduceOp.MAX
+        return {path: (self._reduce(expert_amax[path][0], mx), self._reduce(expert_amax[path][1], mx))
+                for path in sorted(expert_amax)}
 
 
 def init_from_env(device: str) -> str:

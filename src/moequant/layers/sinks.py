@@ -1,0 +1,123 @@
+"""Where the loop's ``LayerResult``s go: collected for the Python API, or written as journaled checkpoint parts.
+
+``Collect`` keeps every result (codes included) for ``quantize``'s ``QuantResult``. ``Journaled`` maps each
+result to the checkpoint's tensors (``export.part_specs``: a pure mapping) and writes them as that part's
+shard files in the journal, in a background thread while the next layer computes; it keeps only each
+target's scalars and errors, and the final checkpoint links the journaled shard files in (``streamed.py``).
+``Skip`` is a torchrun rank other than 0: it computes its share and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+
+from moequant.export import part_specs
+from moequant.export.common import check_exportable
+from moequant.export.writer import part_shards
+from moequant.journal import Journal
+from moequant.layers.job import Job
+from moequant.layers.step import LayerResult, frozen
+from moequant.state import QuantState
+
+KILL_AFTER_LAYER_ENV = "MOEQUANT_TEST_KILL_AFTER_LAYER"   # tests only: SIGKILL self after journaling layer k
+
+
+def part_name(i: int | None) -> str:
+    return "rest" if i is None else f"layer-{i:05d}"
+
+
+class Collect:
+    """Every result, as computed."""
+
+    writes = False
+
+    def __init__(self):
+        self.results: list[LayerResult] = []
+
+    def done(self, i: int) -> bool:
+        return False
+
+    def put(self, result: LayerResult) -> None:
+        self.results.append(result)
+
+    def finish(self) -> None:
+        pass
+
+
+class Skip(Collect):
+    """A torchrun rank other than 0: knows which parts rank 0 has journaled (to replay them too), keeps nothing."""
+
+    def __init__(self, done: frozenset):
+        super().__init__()
+        self._done = done
+
+    def done(self, i: int) -> bool:
+        return part_name(i) in self._done
+
+    def restored(self, i: int) -> LayerResult:
+        return LayerResult(i, frozen({}), frozen({}), (), frozenset(), frozen({}))
+
+    def put(self, result: LayerResult) -> None:
+        pass
+
+
+class Journaled:
+    """Each result written as its part of the checkpoint into ``journal``, in a background thread (one part at a
+    time, in order; an error is raised at the next ``put`` or at ``finish``)."""
+
+    writes = True
+
+    def __init__(self, job: Job, journal: Journal, fmt: str, max_shard_bytes: int, background: bool = True):
+        self.job, self.journal, self.fmt, self.max_shard_bytes = job, journal, fmt, max_shard_bytes
+        self.results: list[LayerResult] = []   # light: scalars and errors, no codes or block scales
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-write") if background else None
+        self._pending: Future | None = None
+
+    def done(self, i: int | None) -> bool:
+        return part_name(i) in self.journal.parts
+
+    def restored(self, i: int | None) -> LayerResult:
+        """A journaled part's result as the run that wrote it had it (light)."""
+        s = self.journal.summary(part_name(i))
+        result = LayerResult(i, frozen(s["tensors"]), frozen(s["kv"]), tuple(s["coverage"]),
+                             frozenset(s["backends"]), frozen({}))
+        self.results.append(result)
+        return result
+
+    def put(self, result: LayerResult) -> None:
+        state = QuantState(self.job.plan.with_targets(tuple(self.job.targets_of(result.index)), self.job.plan.excluded),
+                           dict(result.tensors), ",".join(sorted(result.backends)) or "torch",
+                           self.job.recipe.weights.method, dict(result.kv), self.job.kv)
+        if state.plan.targets:
+            check_exportable(state)
+        specs = part_specs(state, self.fmt, result.unquantized)
+        light = {k: replace(v, block_scale=None, codes=None) for k, v in result.tensors.items()}
+        summary = {"tensors": light, "kv": dict(result.kv), "backends": sorted(result.backends),
+                   "coverage": list(result.coverage)}
+        self.results.append(replace(result, tensors=frozen(light), unquantized=frozen({})))
+        self._wait()
+        if self._pool is None:
+            self._write(result.index, specs, summary)
+        else:
+            self._pending = self._pool.submit(self._write, result.index, specs, summary)
+
+    def _write(self, i: int | None, specs, summary: dict) -> None:
+        self.journal.record(part_name(i), part_shards(specs, self.max_shard_bytes), summary)
+        if i is not None and os.environ.get(KILL_AFTER_LAYER_ENV) == str(i):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def finish(self) -> None:
+        """Every part written (raises the writer's error, if any)."""
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)

@@ -1,0 +1,108 @@
+"""Where the loop's decoder layers come from: a model in memory, or safetensors shards one layer at a time.
+
+A source's ``layer(i)`` is a context manager: inside it, decoder layer ``i`` of the job's model holds real
+tensors on the compute device; after it, the layer is as it was (in memory: moved back; from shards: back on
+the meta device, its memory returned). ``unquantized(i)`` gives the layer's tensors that are not quantized
+targets, by on-disk name, on the host: what a writing sink stores next to the codes.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+
+from moequant.export.common import unquantized_tensors
+from moequant.layers.inputs import on_device
+from moequant.layers.job import Job, timed
+from moequant.layers.meta_model import free, install, read_plan, read_tensors, release_heap
+from moequant.safetensors_source import SafetensorsSource
+
+
+class ModelLayers:
+    """The decoder layers of a model in memory; each moved to the compute device while it runs."""
+
+    def __init__(self, job: Job, seconds: dict[str, float]):
+        self.job, self.seconds = job, seconds
+
+    @contextmanager
+    def layer(self, i: int, next_layer: int | None = None):
+        path = self.job.layer_path(i)
+        with on_device(self.job.layers[i], self.job.device, path):
+            yield
+
+    def unquantized(self, i: int) -> dict[str, torch.Tensor]:
+        return unquantized_tensors(self.job.model, self.job.plan, self.job.layer_path(i) + ".")
+
+    def close(self) -> None:
+        pass
+
+
+class ShardLayers:
+    """Decoder layers read from safetensors shards straight onto the compute device. While layer ``i`` computes,
+    a background thread reads layer ``i + 1`` (disk reads and host-to-device copies overlap the compute; at most
+    two layers are in memory). The read plan (which on-disk rows fill which parameter) is made in the calling
+    thread, which alone touches the model; the thread only reads files into new tensors."""
+
+    def __init__(self, job: Job, shards: SafetensorsSource, seconds: dict[str, float], prefetch: bool = True):
+        self.job, self.shards, self.seconds = job, shards, seconds
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-read") if prefetch else None
+        self._ahead: dict[int, Future] = {}
+
+    def _start_read(self, i: int):
+        plan = read_plan(self.job.model, self.job.layer_path(i) + ".")
+        if self._pool is None:
+            return plan, None
+        return plan, self._pool.submit(read_tensors, self.shards, plan, self.job.device)
+
+    def _values(self, i: int) -> dict[str, torch.Tensor]:
+        if i in self._ahead:
+            return self._ahead.pop(i).result()
+        plan, future = self._start_read(i)
+        return future.result() if future is not None else read_tensors(self.shards, plan, self.job.device)
+
+    @contextmanager
+    def layer(self, i: int, next_layer: int | None = None):
+        """Layer ``i`` loaded; ``next_layer``: the one the loop wants next, read meanwhile."""
+        path, layer = self.job.layer_path(i), self.job.layers[i]
+        with timed(self.seconds, "load"):
+            values = self._values(i)
+            install(self.job.model, values, path + ".", device=self.job.device)
+            del values
+        if self._pool is not None and next_layer is not None and next_layer not in self._ahead:
+            self._ahead[next_layer] = self._start_read(next_layer)[1]
+        try:
+            yield
+        finally:
+            free(layer)
+            release_heap()   # the layer's tensors are all dropped now: memory stays flat with depth
+
+    def unquantized(self, i: int) -> dict[str, torch.Tensor]:
+        """The layer's unquantized tensors copied to the host (pinned, queued, one wait): the layer itself goes
+        back to the meta device when the loop moves on, while a sink may still be writing them."""
+        found = unquantized_tensors(self.job.model, self.job.plan, self.job.layer_path(i) + ".")
+        return host_copies(found)
+
+    def close(self) -> None:
+        """Wait for a read still under way (its result is dropped) and stop the thread."""
+        if self._pool is not None:
+            for future in self._ahead.values():
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._ahead.clear()
+
+
+def host_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` on the CPU: from a GPU into pinned memory, queued, then one wait; CPU tensors as they are (a
+    state-dict tensor keeps its storage when its module goes back to meta: ``free`` swaps the parameters')"""
+    out, queued = {}, False
+    for name, t in tensors.items():
+        if t.device.type == "cuda":
+            out[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            queued = True
+        else:
+            out[name] = t
+    if queued:
+        torch.cuda.current_stream().synchronize()
+    return out
