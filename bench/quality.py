@@ -12,7 +12,7 @@ One calibration forward serves every option: ``quantize(model, "nvfp4-gptq")`` o
 amax, per-channel mean squares and X^T X) on the unquantized model, which no weight option changes, and ships
 weighted_mse's scales with GPTQ's codes; "best" (nvfp4-best) is the same scales with round-to-nearest codes
 (``rounded_to_nearest``: what nvfp4-best ships, the scales being identical by construction, see
-tests/test_gptq_pipeline.py); every other option re-runs only the data-free weight calibration
+tests/test_gptq_layers.py); every other option re-runs only the data-free weight calibration
 (``calibrate_weights``) on the same plan and takes the same input scales, which is exactly what ``quantize``
 with its own recipe would produce. Seconds: the weight search of each option; the shared forward and weight
 step once (with the GPTQ part timed apart). Weight error: sum of squared weight errors / sum of squared
@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 
 from moequant import calibrate_weights, kernels, load_recipe, quantize
-from moequant.data import load_tokenizer
+from moequant.calibration_data import load_tokenizer
 from moequant.demo import builtin_model_dir
 from moequant.evaluate import evaluate
 from moequant.export import export
-from moequant.run import load_model
-from moequant.state import QuantState
+from moequant.quantize_command import load_model
+from moequant.scales import QuantState
 
 # name -> (recipe it stands for, calibrate_weights options or None for the shared nvfp4-best run)
 OPTIONS = {

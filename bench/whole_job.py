@@ -113,7 +113,7 @@ def build(folder: Path, size: str, layers: int, seed: int = 0) -> int:
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     config.save_pretrained(folder)
     _tokenizer(folder)
-    from moequant.data import builtin_text
+    from moequant.calibration_data import builtin_text
 
     docs, size = [], 0
     for doc in builtin_text()[0]:   # ~200 k characters: a byte-level tokenizer makes every byte a token
@@ -200,7 +200,7 @@ def child_modelopt(folder: Path, out: Path, device: str, profile: Path | None = 
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from moequant.data import calibration_tokens, load_tokenizer
+    from moequant.calibration_data import calibration_tokens, load_tokenizer
 
     t1 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, device_map=device)

@@ -141,7 +141,7 @@ def test_real_builtin_model_calibrates_on_the_same_tokens_everywhere(tmp_path, m
     """The real build (the README's main job): SmolLM2-Instruct's EOS between documents, and the default
     calibration windows every machine gets (measured on transformers 5.17 and 5.24 once the tokens are pinned;
     before, 5.17 gave other windows). A change here changes every calibration of the built-in model."""
-    from moequant.data import calibration_tokens
+    from moequant.calibration_data import calibration_tokens
 
     monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path))
     folder = demo.builtin_model_dir(dense=True, log=lambda _m: None)

@@ -17,7 +17,7 @@ from moequant.errors import MoequantError
 from moequant.discover import discover
 from moequant.plan import DiskSlice, Plan, Target
 from moequant.weights import calibrate_weights
-from moequant.state import KVScales, QuantState, Record, TensorScales
+from moequant.scales import KVScales, QuantState, Record, TensorScales
 from moequant.recipe import Recipe, load_recipe
 from moequant.layers.in_memory import QuantResult, quantize
 from moequant.export import ExportError, export

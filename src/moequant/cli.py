@@ -88,7 +88,7 @@ def _quiet_libraries() -> None:
 
 
 def _cmd_quantize(a) -> int:
-    from moequant.run import BUILTIN_SAMPLES, BUILTIN_SEQ_LEN, quantize_model, summary_lines
+    from moequant.quantize_command import BUILTIN_SAMPLES, BUILTIN_SEQ_LEN, quantize_model, summary_lines
 
     if a.quiet:
         _quiet_libraries()
@@ -125,7 +125,7 @@ def _cmd_verify(a) -> int:
 def _cmd_eval(a) -> int:
     from moequant.evaluate import evaluate
     from moequant.model_ref import resolve_model
-    from moequant.run import resolve_device
+    from moequant.quantize_command import resolve_device
 
     if a.quiet:
         _quiet_libraries()

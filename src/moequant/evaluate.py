@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from moequant.data import CalibrationDataError, load_tokenizer, read_text_file, token_stream
+from moequant.calibration_data import CalibrationDataError, load_tokenizer, read_text_file, token_stream
 from moequant.model_ref import check_model_dir
 
 HELDOUT_FIRST_YEAR = 2001

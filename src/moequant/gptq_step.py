@@ -21,7 +21,7 @@ from moequant.formats.fp4 import pack_fp4
 from moequant.formats.gptq import FACTOR_FAILED, GPTQ, code_block_squared_error
 from moequant.kernels.torch_gptq import gptq_codes
 from moequant.plan import Target
-from moequant.state import TensorScales
+from moequant.scales import TensorScales
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import html
 import math
 from dataclasses import dataclass
 
-from moequant.state import QuantState
+from moequant.scales import QuantState
 
 
 @dataclass

@@ -70,7 +70,7 @@ def inspect_checkpoint(path: Path) -> list[str]:
 
 def inspect_model(path: Path, trust_remote_code: bool = False) -> list[str]:
     from moequant.discover import discover
-    from moequant.run import load_model, weights_size
+    from moequant.quantize_command import load_model, weights_size
 
     model = load_model(path, trust_remote_code)
     plan = discover(model)

@@ -24,7 +24,7 @@ from moequant.errors import MoequantError
 from moequant.expert_amax import abs_max
 from moequant.formats.fp8 import fp8_tensor_scale
 from moequant.models.experts import UnsupportedModelError
-from moequant.state import KVScales
+from moequant.scales import KVScales
 
 KV_SCHEMES = ("fp8", "fp8-cast")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moequant.calibrate import ExpertsCoverage
-from moequant.state import QuantState
+from moequant.scales import QuantState
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from moequant.formats.global_search import search_global
 from moequant.formats.nvfp4 import MAX_ABS, WeightError, check_weight, global_scale_from_amax, tensor_amax
 from moequant.gptq_step import GptqInput, gptq_scales
 from moequant.plan import Plan, Target, disk_name_of, disk_position
-from moequant.state import QuantState, TensorScales
+from moequant.scales import QuantState, TensorScales
 
 METHODS = ("mse", "max", "weighted_mse", "gptq")
 

@@ -14,7 +14,7 @@ import pytest
 
 from model_dirs import custom_code_model
 from moequant.cli import main
-from moequant.data import CalibrationDataError, load_tokenizer
+from moequant.calibration_data import CalibrationDataError, load_tokenizer
 
 FAST = ["--samples", "2", "--seq-len", "16", "--device", "cpu", "--quiet"]
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moequant import calibrate_weights
-from moequant.state import KVScales, QuantState
+from moequant.scales import KVScales, QuantState
 from tiny_models import build
 
 EXPORTABLE_MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe")

@@ -3,7 +3,7 @@
 import torch
 import torch.distributed as dist
 
-from moequant.data import load_tokenizer
+from moequant.calibration_data import load_tokenizer
 from moequant.recipe import load_recipe
 from moequant.layers.streamed import quantize_streamed
 

@@ -21,7 +21,7 @@ def main(src: str, out: str, mode: str) -> None:
     else:
         from moequant.export import export
         from moequant.layers.in_memory import quantize
-        from moequant.run import load_model
+        from moequant.quantize_command import load_model
 
         model = load_model(Path(src))
         export(model, quantize(model, recipe).state, out, source_dir=src, recipe=recipe, max_shard_bytes=4 * 2**20)

@@ -46,7 +46,7 @@ def test_expert_ranges_give_every_rank_work(model_dir):
     ranks search something; the ranges of a target cover its experts exactly once, in order."""
     from moequant import discover
     from moequant.layers.ranks import Ranks
-    from moequant.run import load_model
+    from moequant.quantize_command import load_model
 
     plan = discover(load_model(model_dir("qwen3_moe")))
     layer0 = [t for t in plan.targets if t.layer == 0]

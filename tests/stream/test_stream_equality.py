@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from moequant.data import load_tokenizer
+from moequant.calibration_data import load_tokenizer
 from moequant.export import export
 from moequant.layers.in_memory import quantize
 from moequant.recipe import load_recipe
-from moequant.run import load_model
+from moequant.quantize_command import load_model
 from moequant.layers.streamed import quantize_streamed
 
 CALIB = {"calibration": {"samples": 4, "seq_len": 32}}

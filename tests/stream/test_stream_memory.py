@@ -25,7 +25,7 @@ def _shallow_twin(deep: Path, shallow: Path, layers: int) -> None:
 
 def test_four_times_the_layers_raises_peak_rss_by_less_than_10_percent(tmp_path):
     """The default allocator, as users run it (no MALLOC_* variable): glibc keeps freed memory unless the loop
-    hands it back (skeleton.release_heap); without that, this ratio was 1.5 (8 -> 32 layers of 52 MB). With it,
+    hands it back (meta_model.release_heap); without that, this ratio was 1.5 (8 -> 32 layers of 52 MB). With it,
     the peak of a layer's transient buffers settles within the first ~5 layers, then stays flat."""
     write_checkpoint_dir(tmp_path / "m32", qwen3_moe_config(32, 512, 256, 32))
     _shallow_twin(tmp_path / "m32", tmp_path / "m8", 8)

@@ -81,7 +81,7 @@ def test_a_second_run_on_the_same_output_fails_at_once_and_the_first_finishes(mo
 def test_the_in_memory_path_is_refused_before_loading_the_model(model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     loaded = []
-    monkeypatch.setattr("moequant.run.load_model", lambda *a: loaded.append(a))
+    monkeypatch.setattr("moequant.quantize_command.load_model", lambda *a: loaded.append(a))
     holder = Holder(out)
     try:
         assert main(["quantize", str(model_dir("qwen2_moe")), "-o", str(out), "--no-stream", *FAST]) == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from model_dirs import save_model_dir
 
-from moequant.data import load_tokenizer
+from moequant.calibration_data import load_tokenizer
 from moequant.journal import JournalMismatch, partial_dir
 from moequant.recipe import load_recipe
 from moequant.layers.sinks import KILL_AFTER_LAYER_ENV
@@ -18,7 +18,7 @@ from moequant.layers.streamed import quantize_streamed
 RECIPE = {"kv_cache": "fp8", "calibration": {"samples": 4, "seq_len": 32}}
 CHILD = """
 import sys
-from moequant.data import load_tokenizer
+from moequant.calibration_data import load_tokenizer
 from moequant.recipe import load_recipe
 from moequant.layers.streamed import quantize_streamed
 src, out = sys.argv[1], sys.argv[2]

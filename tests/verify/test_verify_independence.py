@@ -18,7 +18,7 @@ from moequant.verify.decode import (
     nvfp4_finite_bound,
 )
 
-FORBIDDEN = ("moequant.formats", "moequant.kernels", "moequant.weights", "moequant.export", "moequant.state",
+FORBIDDEN = ("moequant.formats", "moequant.kernels", "moequant.weights", "moequant.export", "moequant.scales",
              "moequant.plan", "moequant.discover", "moequant.models", "moequant.calibrate", "moequant.layers.in_memory")
 
 

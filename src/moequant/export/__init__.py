@@ -27,7 +27,7 @@ from moequant.export.writer import (
     TensorSpec,
     write_checkpoint,
 )
-from moequant.state import QuantState
+from moequant.scales import QuantState
 
 FORMATS = ("modelopt", "compressed-tensors")
 

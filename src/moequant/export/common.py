@@ -18,7 +18,7 @@ from moequant.export.writer import ExportError, TensorSpec, natural_key
 from moequant.formats.nvfp4 import BLOCK_SIZE
 from moequant.models.disk_names import disk_slices, revert_weight_conversion
 from moequant.plan import Plan, Target
-from moequant.state import QuantState, Record
+from moequant.scales import QuantState, Record
 
 FUSED_ON_DISK_REFUSAL = (
     "{key}: this family keeps all experts of a layer in one fused tensor on disk (GPT-OSS: [E, H, 2I], gate/up "

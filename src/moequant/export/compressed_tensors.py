@@ -45,7 +45,7 @@ import torch
 
 from moequant.export import common
 from moequant.export.writer import TensorSpec
-from moequant.state import QuantState
+from moequant.scales import QuantState
 
 FORMAT = "compressed-tensors"
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose serialization this module reproduces

@@ -42,7 +42,7 @@ import torch
 
 from moequant.export import common
 from moequant.export.writer import TensorSpec
-from moequant.state import QuantState
+from moequant.scales import QuantState
 
 FORMAT = "modelopt"
 

@@ -53,7 +53,7 @@ def quantize(model: nn.Module, recipe: str | Path | Recipe = "nvfp4", calib=None
              sequential: bool = True, progress: bool = False) -> QuantResult:
     """Calibrate ``model`` (a transformers 5.x causal LM) under ``recipe``; the model is left unchanged.
 
-    ``calib``: calibration source (see ``moequant.data``: None = built-in text, a text file, a list of
+    ``calib``: calibration source (see ``moequant.calibration_data``: None = built-in text, a text file, a list of
     strings, token ids); ``tokenizer``: a tokenizer or a model directory holding one (needed for text).
     ``device``: where each layer is calibrated (default: where the model is). ``batch_size``: calibration
     sequences per forward. ``backend``: block-scale search backend (``moequant.kernels``). ``sequential=False``:

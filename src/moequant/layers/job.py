@@ -18,14 +18,14 @@ from torch import nn
 
 from moequant import kernels
 from moequant.calibrate import CalibrationError
-from moequant.data import CalibrationDataError, calibration_tokens, load_tokenizer
+from moequant.calibration_data import CalibrationDataError, calibration_tokens, load_tokenizer
 from moequant.discover import decoder_layers, discover, text_config
 from moequant.layers.inputs import device_of, probe_ids
 from moequant.models.experts import ExpertsContainer, find_experts
 from moequant.plan import Plan, Target
 from moequant.recipe import Recipe, TargetScheme, apply_recipe
 from moequant.report import MemoryReport, Report, tensor_bytes
-from moequant.state import QuantState
+from moequant.scales import QuantState
 
 
 @dataclass

@@ -20,7 +20,7 @@ from moequant.layers.inputs import LayerInput
 from moequant.layers.job import Job, progress_bar, timed
 from moequant.layers.step import LayerResult, calibrate_layer
 from moequant.report import Report
-from moequant.state import QuantState
+from moequant.scales import QuantState
 
 MLA_NOTE = ("MLA: k_scale = v_scale = amax over the cached latent and k_pe / 448 (one FP8 cache entry, as vLLM "
             "stores it)")

@@ -20,7 +20,7 @@ from moequant.export.writer import part_shards
 from moequant.journal import Journal
 from moequant.layers.job import Job
 from moequant.layers.step import LayerResult, frozen
-from moequant.state import QuantState
+from moequant.scales import QuantState
 
 KILL_AFTER_LAYER_ENV = "MOEQUANT_TEST_KILL_AFTER_LAYER"   # tests only: SIGKILL self after journaling layer k
 

@@ -29,7 +29,7 @@ from moequant.kv_cache import kv_cache_scales
 from moequant.layers.inputs import LayerInput
 from moequant.layers.job import Job, timed
 from moequant.plan import Target
-from moequant.state import KVScales, TensorScales
+from moequant.scales import KVScales, TensorScales
 from moequant.weights import calibrate_weights
 
 

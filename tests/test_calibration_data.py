@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import build
 
-from moequant import data
-from moequant.data import CalibrationDataError, builtin_text, calibration_tokens, load_tokenizer
+from moequant import calibration_data as data
+from moequant.calibration_data import CalibrationDataError, builtin_text, calibration_tokens, load_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 

@@ -137,7 +137,7 @@ def token_stream(documents: list[str], tokenizer) -> torch.Tensor:
     """
     if tokenizer is None:
         raise CalibrationDataError(
-            "calibration text needs a tokenizer: pass tokenizer= (e.g. moequant.data.load_tokenizer(model_dir)) "
+            "calibration text needs a tokenizer: pass tokenizer= (e.g. moequant.calibration_data.load_tokenizer(model_dir)) "
             "or give token ids instead of text")
     key = _stream_key(documents, tokenizer)
     cached = _read_cached_stream(key) if key is not None else None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moequant.data import load_tokenizer
+from moequant.calibration_data import load_tokenizer
 from moequant.layers.ranks import Ranks, init_from_env
 from moequant.export import export
 from moequant.export.outdir import output_lock, reported_os_errors
@@ -99,7 +99,7 @@ def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nv
     ``stream`` (default): one decoder layer in memory at a time, read from the safetensors shards, with a
     journal next to ``out`` that a rerun of a killed run continues from (``layers/streamed.py``); False: load
     the whole model, then quantize and export it (``layers/in_memory.quantize`` + ``export.export``): same bytes.
-    Under ``torchrun`` every rank calls this (``distributed.py``); ranks other than 0 return None."""
+    Under ``torchrun`` every rank calls this (``layers/ranks.py``); ranks other than 0 return None."""
     seconds = {}
     rec = load_recipe(recipe, **_overrides(samples, seq_len, kv_cache, dead_experts))
     out = Path(out) if out is not None else Path.cwd() / f"{model_name(model)}-{rec.name}"

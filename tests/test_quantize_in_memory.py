@@ -10,7 +10,7 @@ from tiny_models import _configs, build
 
 from moequant import quantize
 from moequant.calibrate import POLICIES
-from moequant.data import CalibrationDataError
+from moequant.calibration_data import CalibrationDataError
 from moequant.models.experts import UnsupportedModelError
 from moequant.recipe import RecipeError
 
