@@ -257,7 +257,7 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None, help="where the model is built (default: /tmp/whole_job-...)")
     p.add_argument("--tools", default="moequant,modelopt")
     p.add_argument("--json", type=Path, help="write the numbers here")
-    p.add_argument("--profile", type=Path, help="cProfile moequant's job into this file (slows it a little)")
+    p.add_argument("--profile", type=Path, help="cProfile moequant's last (warm) run into this file (slows it a little)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each tool (the table shows the fastest)")
     p.add_argument("--child", choices=("moequant", "modelopt"), help=argparse.SUPPRESS)
     p.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
@@ -282,7 +282,7 @@ def main() -> None:
         runs = []
         for i in range(a.repeats):
             runs.append(run_child(tool, folder, folder.parent / f"{folder.name}-out-{tool}", a.device,
-                                  a.profile if i == 0 else None))
+                                  a.profile if i == a.repeats - 1 else None))   # the warm run
             print(tool, json.dumps(runs[-1], indent=None if "error" not in runs[-1] else 1), flush=True)
         results[tool] = min(runs, key=lambda r: r.get("seconds", float("inf")))
         results[tool + "_runs"] = runs
