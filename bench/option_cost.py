@@ -31,6 +31,7 @@ OPTIONS = {
     "max+4over6": ("nvfp4", {"weights": {"method": "max", "four_over_six": True}}),
     "mse+global": ("nvfp4-mse", {"weights": {"method": "mse", "global_search": True}}),
     "best (weighted_mse)": ("nvfp4-best", {}),
+    "gptq": ("nvfp4-gptq", {}),
 }
 
 
