@@ -353,7 +353,7 @@ def _search(w: torch.Tensor, global_scale: torch.Tensor, method: str, want_error
     for b in range(flat.shape[0]):
         tables[b] = e4m3_positive_values(w.device) * global_f32[b]  # s_j, [126]
         if not _fast_path_ok(global_f32[b], tables[b]):
-            out[b], err = _reference_batch(flat[b], global_f32[b], method, want_errors)
+            out[b], err = _reference_batch(flat[b], global_f32[b], method, want_errors or with_max)
             if want_errors:
                 errors[b] = err
             if with_max:
