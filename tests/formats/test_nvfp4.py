@@ -130,3 +130,23 @@ def test_to_blocks_layout():
     blocks = to_blocks(w.to(torch.bfloat16))
     assert blocks.shape == (2, 2, 16) and blocks.dtype == torch.float32
     assert blocks[1, 0].tolist() == list(range(32, 48))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensor_amax_is_the_float32_abs_max(dtype):
+    """``tensor_amax`` (min/max, no |w| copy) has the bits of its definition ``w.float().abs().amax()`` per
+    batch index: signed zeros (an all-zero slice gives +0.0), a negative extreme, inf and NaN."""
+    w = _student_t((4, 6, 32), 3, seed=21)
+    w[0] = -0.0
+    w[1] = 0.0
+    w[2, 3, 5] = -1e4   # the extreme is negative
+    w[3, 0, 0] = float("nan")
+    w = w.to(dtype)
+    for batch_dims in (0, 1, 2):
+        got = tensor_amax(w, batch_dims)
+        want = w.to(torch.float32).abs().reshape(*w.shape[:batch_dims], -1).amax(dim=-1)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num().view(torch.int32), want.nan_to_num().view(torch.int32)), batch_dims
+    inf = torch.tensor([[1.0, float("-inf")], [0.0, -0.0]], dtype=dtype)
+    assert tensor_amax(inf, 1).tolist() == [float("inf"), 0.0]

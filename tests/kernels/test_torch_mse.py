@@ -37,7 +37,8 @@ def _own_global(w: torch.Tensor) -> torch.Tensor:
 
 
 def assert_parity(w: torch.Tensor, global_scale: torch.Tensor, methods=("max", "mse")) -> float:
-    """torch.equal on the E4M3 bytes for each method, and on the fp32 error bits at those scales.
+    """torch.equal on the E4M3 bytes for each method, and on the fp32 error bits at those scales and at the
+    "max" method's (``search_with_max_errors``: one pass gives both).
 
     Returns the mean number of candidates the MSE search evaluated per block.
     """
@@ -56,6 +57,11 @@ def assert_parity(w: torch.Tensor, global_scale: torch.Tensor, methods=("max", "
         one_pass = torch_mse.search_block_scales_with_errors(w, global_scale, method)  # errors from the search
         assert torch.equal(one_pass[0].view(torch.uint8), ref.view(torch.uint8)), f"{method}: one-pass scales"
         assert torch.equal(one_pass[1].view(torch.int32), err_ref.view(torch.int32)), f"{method}: one-pass errors"
+        with_max = torch_mse.search_with_max_errors(w, global_scale, method)  # "max"'s errors from the same pass
+        err_max = weight_squared_error(w, global_scale, search_block_scales_reference(w, global_scale, "max"))
+        assert torch.equal(with_max[0].view(torch.uint8), ref.view(torch.uint8)), f"{method}: with-max scales"
+        assert torch.equal(with_max[1].view(torch.int32), err_ref.view(torch.int32)), f"{method}: with-max errors"
+        assert torch.equal(with_max[2].view(torch.int32), err_max.view(torch.int32)), f"{method}: max errors"
     assert torch.equal(w, before), "the input weight was modified"
     return width
 

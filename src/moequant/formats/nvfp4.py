@@ -194,9 +194,13 @@ def to_blocks(w: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_amax(w: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
-    """Absolute max over all but the first ``batch_dims`` dimensions, float32."""
-    flat = w.to(torch.float32).abs().reshape(*w.shape[:batch_dims], -1)
-    return flat.amax(dim=-1)
+    """Absolute max over all but the first ``batch_dims`` dimensions, float32 (+0.0 for an all-zero slice).
+
+    ``max(-min, max)`` in ``w``'s dtype, then widened: the same value as ``w.float().abs().amax()`` (negation,
+    max and widening are exact; NaN propagates), without a float32 copy and a ``|w|`` temporary of ``w``'s
+    size; ``+ 0.0`` makes a zero +0.0 (``-(+0.0)`` is -0.0)."""
+    low, high = torch.aminmax(w.reshape(*w.shape[:batch_dims], -1), dim=-1)
+    return torch.maximum(-low, high).to(torch.float32) + 0.0
 
 
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:

@@ -83,15 +83,15 @@ def search_with_max_errors(
     w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse", backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """``search_block_scales_with_errors`` plus the per-block errors of the "max" method's scales under the same
-    global scale (bit-identical to a second search with "max"). Triton: one launch; torch: two searches."""
+    global scale (bit-identical to a second search with "max"). Triton: one launch; torch: one pass."""
     used = resolve_backend(backend, w.device)
     if used == "triton":
         from moequant.kernels import triton_mse
 
         return (*triton_mse.search_with_max_errors(w, global_scale, method), used)
-    scales, errors, _ = search_block_scales_with_errors(w, global_scale, method, used)
-    max_errors = errors if method == "max" else search_block_scales_with_errors(w, global_scale, "max", used)[1]
-    return scales, errors, max_errors, used
+    from moequant.kernels import torch_mse
+
+    return (*torch_mse.search_with_max_errors(w, global_scale, method), used)
 
 
 def compile_ahead(device: torch.device, dtype: torch.dtype, method: str, backend: str = "auto") -> bool:

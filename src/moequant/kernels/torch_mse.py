@@ -1,12 +1,13 @@
 """Vectorized torch twin of ``moequant.formats.mse.search_block_scales_reference`` (any device).
 
 Same contract, bit-identical float8_e4m3fn block scales; a tiny tensor is exponent-normalized first with the
-reference's own function (``nvfp4.exponent_normalized``), and the proof below is about the normalized tensor. Work is done per batch index (expert) and per chunk
-of blocks (``BLOCKS_PER_CHUNK``), element-major (``[16, n]``), on worker threads (``_cpu_workers``). "mse"
-evaluates, per block, only a window of candidates that provably contains the reference's answer (9 of 126
-on real weights, more for under 1% of blocks), each with the reference's exact fp32 arithmetic
-(``_errors_loop``: slices of ``SUB_BLOCKS`` blocks that stay in cache, scratch reused across candidates,
-compiled by TorchScript where available so that the two workers do not queue for the GIL between ops).
+reference's own function (``nvfp4.exponent_normalized``), and the proof below is about the normalized tensor.
+Work is done per batch index (expert) and per chunk of blocks (``BLOCKS_PER_CHUNK``), element-major
+(``[16, n]``), on worker threads (``kernels.cpu_workers``). "mse" evaluates, per block, only a window of
+candidates that provably contains the reference's answer (9 of 126 on real weights, more for under 1% of
+blocks), each with the reference's exact fp32 arithmetic (``_errors_loop``: slices of ``SUB_BLOCKS`` blocks that
+stay in cache, scratch reused across candidates, compiled by TorchScript where available so that the two
+workers do not queue for the GIL between ops).
 
 Notation: candidates ``c_0 < ... < c_125`` (E4M3 bits 1..126), ``s_j = fl(c_j * g)``, ``E_j`` the fp32 block
 error of ``nvfp4.block_squared_error`` at ``s_j``; ``fl`` is round-to-nearest-even fp32, ``A`` the block amax.
@@ -53,11 +54,8 @@ Proof sketch that the fast path returns the same index:
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 
 import torch
 
@@ -72,6 +70,7 @@ from moequant.formats.nvfp4 import (
     exponent_normalized,
     restore_errors,
 )
+from moequant.kernels.cpu_workers import cpu_workers
 
 NUM_CANDIDATES = 126
 BLOCKS_PER_CHUNK = 32768  # blocks per work item: per-block ([n]) bookkeeping amortizes its per-op overhead
@@ -135,8 +134,8 @@ _SCRIPT_LOCK = threading.Lock()
 def _errors_runner():
     """``_errors_loop`` compiled by TorchScript, else the Python function itself (the same ops either way).
 
-    Why: the worker threads of ``_cpu_workers`` hand the GIL to each other around every torch op; with about
-    150 ops per slice that hand-off, not the arithmetic, bounded two threads to the speed of one (measured on
+    Why: the worker threads of ``kernels.cpu_workers`` hand the GIL to each other around every torch op; with
+    about 150 ops per slice that hand-off, not the arithmetic, bounded two threads to the speed of one (measured on
     a 2-core VM: 54 M elements/s with 1 or 2 threads in Python, 56 and 101-106 M/s compiled). The compiled
     loop runs without the GIL. It is run with ``optimized_execution(False)``: plain interpretation, no graph
     optimization or fusion, so each op is the ATen kernel the Python code calls."""
@@ -294,63 +293,26 @@ def _abs_t(w_blocks: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _max_chunk(wabs_t, amax, global_f32, scale_table, six, want_errors) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """"max" E4M3 bits ``[n]`` (uint8) and, if wanted, their fp32 errors: ``nvfp4.max_block_scales``, amax / 6 /
+    global (IEEE divisions), at least 2^-9, e4m3 with saturation."""
+    bits = round_to_e4m3((amax / six / global_f32).clamp_min(E4M3_MIN_SUBNORMAL)).view(torch.uint8)
+    errors = block_error_f32(wabs_t, scale_table.index_select(0, bits.long() - 1)) if want_errors else None
+    return bits, errors
+
+
 def _search_chunk(wb: torch.Tensor, global_f32: torch.Tensor, method: str, scale_table: torch.Tensor,
-                  six: torch.Tensor, want_errors: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """E4M3 bits ``[n]`` (uint8), their fp32 errors (or None) and the candidates evaluated, for ``wb [n, 16]``."""
+                  six: torch.Tensor, want_errors: bool, with_max: bool = False):
+    """E4M3 bits ``[n]`` (uint8), their fp32 errors (or None), the candidates evaluated, and (``with_max``) the
+    fp32 errors of the "max" method's bits, for ``wb [n, 16]``: one ``|w|`` transpose and amax serve both."""
     wabs_t = _abs_t(wb)  # [16, n]
     amax = wabs_t.amax(dim=0)  # [n]
     if method == "max":
-        # nvfp4.max_block_scales: amax / 6 / global (IEEE divisions), at least 2^-9, e4m3 with saturation
-        bits = round_to_e4m3((amax / six / global_f32).clamp_min(E4M3_MIN_SUBNORMAL)).view(torch.uint8)
-        errors = None
-        if want_errors:
-            errors = block_error_f32(wabs_t, scale_table.index_select(0, bits.long() - 1))
-        return bits, errors, 0
+        bits, errors = _max_chunk(wabs_t, amax, global_f32, scale_table, six, want_errors or with_max)
+        return bits, errors, 0, errors
     best, errors, evaluated = _mse_chunk(wabs_t, amax, scale_table, global_f32)
-    return (best + 1).to(torch.uint8), errors, evaluated  # candidate j has E4M3 bits j + 1
-
-
-@contextmanager
-def _cpu_workers(device: torch.device):
-    """A map over independent chunks: on a multi-threaded CPU, Python threads each running single-threaded
-    torch ops (the ops release the GIL). Small per-chunk ops under torch's own intra-op pool spend most of
-    their time in thread hand-offs, and collapse when the machine is oversubscribed (measured: 2 threads
-    0.6 M elements/s vs 8.8 with 1 on a loaded 2-core machine). The intra-op thread count is process-wide:
-    it is restored in ``finally``. The map returns a list once every item is done (also when one fails).
-    The worker threads are made on first use and kept (idle) for later calls: starting two threads per call
-    cost more than the work of a small tensor (measured: 3.7 s of thread starts in one demo-model run)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1:
-        yield lambda fn, items: list(map(fn, items))
-        return
-    pool = _worker_pool(threads)
-    torch.set_num_threads(1)
-    try:
-        yield lambda fn, items: _run_all(pool, torch.no_grad()(fn), items)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_all(pool: ThreadPoolExecutor, fn, items) -> list:
-    futures = [pool.submit(fn, item) for item in items]
-    wait(futures)
-    return [f.result() for f in futures]
-
-
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
-_POOL_LOCK = threading.Lock()
-
-
-def _worker_pool(workers: int) -> ThreadPoolExecutor:
-    """The shared worker threads (``workers`` of them), made on first use, and again in a forked child
-    (which inherits the pool object but not its threads)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[:2] != (os.getpid(), workers):
-            if _POOL is not None and _POOL[0] == os.getpid():
-                _POOL[2].shutdown(wait=False)
-            _POOL = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moequant-cpu"))
-        return _POOL[2]
+    max_errors = _max_chunk(wabs_t, amax, global_f32, scale_table, six, True)[1] if with_max else None
+    return (best + 1).to(torch.uint8), errors, evaluated, max_errors  # candidate j has E4M3 bits j + 1
 
 
 def _batched_blocks(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
@@ -363,8 +325,20 @@ def _batched_blocks(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.
     return blocks.reshape(global_f32.numel(), per_batch, BLOCK_SIZE), global_f32, blocks.shape[:-1]
 
 
-def _search(w: torch.Tensor, global_scale: torch.Tensor, method: str, want_errors: bool):
-    """(E4M3 scales ``[..., N, K/16]``, fp32 errors at them or None, mean candidates evaluated per block)."""
+def _reference_batch(flat_b, global_b, method: str, want_errors: bool):
+    """Bits ``[nb]`` (uint8) and fp32 errors (or None) of one batch index by the reference (proof step 0)."""
+    ref = search_block_scales_reference(flat_b.unsqueeze(0), global_b, method)
+    errors = None
+    if want_errors:
+        scale = ref.reshape(-1).to(torch.float32) * global_b  # nvfp4.effective_scale
+        errors = block_squared_error(flat_b.to(torch.float32), scale[:, None])
+    return ref.view(torch.uint8).reshape(-1), errors
+
+
+def _search(w: torch.Tensor, global_scale: torch.Tensor, method: str, want_errors: bool, with_max: bool = False):
+    """(E4M3 scales ``[..., N, K/16]``, fp32 errors at them or None, mean candidates evaluated per block, fp32
+    errors at the "max" method's scales or None). ``with_max``: the last, from the same pass over ``|w|``, the
+    same bits as ``_search(w, global_scale, "max", True)[1]``."""
     if method not in METHODS:
         raise ValueError(f"unknown block-scale method {method!r}; expected one of {METHODS}")
     check_finite(w, "weight")  # NaN / inf: a clear WeightError, not an index error inside
@@ -373,16 +347,17 @@ def _search(w: torch.Tensor, global_scale: torch.Tensor, method: str, want_error
     flat, global_f32, out_shape = _batched_blocks(w, global_scale)  # [batch, nb, 16], [batch]
     out = torch.empty(flat.shape[:2], dtype=torch.uint8, device=w.device)  # [batch, nb] E4M3 bits
     errors = torch.empty(flat.shape[:2], dtype=torch.float32, device=w.device) if want_errors else None
+    max_errors = torch.empty(flat.shape[:2], dtype=torch.float32, device=w.device) if with_max else None
     six = torch.tensor(E2M1_MAX, dtype=torch.float32, device=w.device)  # tensor divisor: see nvfp4's notes
     tables, items, width = {}, [], 0
     for b in range(flat.shape[0]):
         tables[b] = e4m3_positive_values(w.device) * global_f32[b]  # s_j, [126]
         if not _fast_path_ok(global_f32[b], tables[b]):
-            ref = search_block_scales_reference(flat[b].unsqueeze(0), global_f32[b], method)
-            out[b] = ref.view(torch.uint8).reshape(-1)
+            out[b], err = _reference_batch(flat[b], global_f32[b], method, want_errors or with_max)
             if want_errors:
-                scale = ref.reshape(-1).to(torch.float32) * global_f32[b]  # nvfp4.effective_scale
-                errors[b] = block_squared_error(flat[b].to(torch.float32), scale[:, None])
+                errors[b] = err
+            if with_max:
+                max_errors[b] = err if method == "max" else _reference_batch(flat[b], global_f32[b], "max", True)[1]
             width += NUM_CANDIDATES * flat.shape[1] if method == "mse" else 0
             continue
         items += [(b, start, min(start + BLOCKS_PER_CHUNK, flat.shape[1]))
@@ -390,23 +365,29 @@ def _search(w: torch.Tensor, global_scale: torch.Tensor, method: str, want_error
 
     def run(item):
         b, start, stop = item
-        bits, chunk_errors, evaluated = _search_chunk(flat[b, start:stop], global_f32[b], method, tables[b], six,
-                                                      want_errors)
+        bits, chunk_errors, evaluated, chunk_max = _search_chunk(flat[b, start:stop], global_f32[b], method,
+                                                                 tables[b], six, want_errors, with_max)
         out[b, start:stop] = bits
         if want_errors:
             errors[b, start:stop] = chunk_errors
+        if with_max:
+            max_errors[b, start:stop] = chunk_max
         return evaluated
 
-    with _cpu_workers(w.device) as mapper:
+    with cpu_workers(w.device) as mapper:
         width += sum(mapper(run, items))
     num_blocks = max(flat.shape[0] * flat.shape[1], 1)
     scales = out.view(torch.float8_e4m3fn).reshape(out_shape)
-    return scales, (restore_errors(errors.reshape(out_shape), shift) if want_errors else None), width / num_blocks
+
+    def restored(e):
+        return restore_errors(e.reshape(out_shape), shift) if e is not None else None
+
+    return scales, restored(errors), width / num_blocks, restored(max_errors)
 
 
 def search_block_scales_with_stats(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse"):
     """``search_block_scales`` plus the mean number of candidates evaluated per block."""
-    scales, _, width = _search(w, global_scale, method, want_errors=False)
+    scales, _, width, _ = _search(w, global_scale, method, want_errors=False)
     return scales, width
 
 
@@ -414,8 +395,18 @@ def search_block_scales_with_errors(w: torch.Tensor, global_scale: torch.Tensor,
                                     method: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
     """(``search_block_scales``, ``weight_squared_error`` at those scales), bit-identical to calling the two,
     in one pass: the search has already computed the chosen candidate's error."""
-    scales, errors, _ = _search(w, global_scale, method, want_errors=True)
+    scales, errors, _, _ = _search(w, global_scale, method, want_errors=True)
     return scales, errors
+
+
+def search_with_max_errors(w: torch.Tensor, global_scale: torch.Tensor,
+                           method: str = "mse") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``search_block_scales``, ``weight_squared_error`` at those scales, ``weight_squared_error`` at the "max"
+    method's scales), bit-identical to ``search_block_scales_with_errors`` with ``method`` and with "max", in
+    one pass: the NaN check, the normalization, the ``|w|`` transpose and the block amax serve both (they were
+    about half of a second "max" search on a CPU)."""
+    scales, errors, _, max_errors = _search(w, global_scale, method, want_errors=True, with_max=True)
+    return scales, errors, max_errors
 
 
 def search_block_scales(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse") -> torch.Tensor:
@@ -442,6 +433,6 @@ def weight_squared_error(w: torch.Tensor, global_scale: torch.Tensor, block_scal
         else:
             out[b, start:stop] = block_squared_error(flat[b, start:stop].to(torch.float32), scale[:, None])
 
-    with _cpu_workers(w.device) as mapper:
+    with cpu_workers(w.device) as mapper:
         list(mapper(run, items))
     return restore_errors(out.reshape(out_shape), shift)

@@ -9,7 +9,8 @@ import sys
 import torch
 
 from moequant.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX
-from moequant.kernels.torch_mse import _EXPONENT_MASK, _MAGIC_SHIFT, _cpu_workers
+from moequant.kernels.cpu_workers import cpu_workers
+from moequant.kernels.torch_mse import _EXPONENT_MASK, _MAGIC_SHIFT
 
 PACK_ROWS = 256  # rows per work item on a CPU (worker threads, one core each)
 DEVICE_PACK_ELEMENTS = 1 << 24  # elements per work item on an accelerator: a few launches per tensor, not per rows
@@ -42,7 +43,7 @@ def quantize_pack_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale
     scale per leading index (``[]`` for ``[N, K]``, ``[E]`` for ``[E, N, K]``, or one scalar for all): uint8
     ``[..., N, K/2]``, the same bytes (element 2j in the low nibble), computed with arithmetic only
     (comparisons are the reference's slow part on CPU), over row slices (on a CPU, on worker threads each
-    running single-threaded torch ops, see ``_cpu_workers``; on an accelerator, a few large launches).
+    running single-threaded torch ops, see ``kernels.cpu_workers``; on an accelerator, a few large launches).
     The effective scale is ``float32(block) * global`` per row, the product ``nvfp4.effective_scale`` forms."""
     lead = tuple(w.shape[:-2])
     if w.ndim < 2 or w.shape[-1] % BLOCK_SIZE or global_scale.numel() not in (1, _numel(lead)):
@@ -74,7 +75,7 @@ def quantize_pack_nvfp4(w: torch.Tensor, global_scale: torch.Tensor, block_scale
             pairs = codes.view(stop - start, k // 2, 2)
             out[start:stop] = pairs[..., 0].bitwise_or(pairs[..., 1].bitwise_left_shift(4))
 
-    with _cpu_workers(w.device) as mapper:
+    with cpu_workers(w.device) as mapper:
         list(mapper(run, range(0, rows_total, rows)))
     return out.reshape(*lead, n, k // 2)
 

@@ -31,7 +31,8 @@ import torch
 from moequant.formats.fp8 import E4M3_MIN_SUBNORMAL, e4m3_positive_values, round_to_e4m3
 from moequant.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, check_finite, expand_global, exponent_normalized
 from moequant.formats.weighted_mse import check_channel_weights, weighted_mse_block_scales_reference
-from moequant.kernels.torch_mse import _cpu_workers, e2m1_magnitude_f32
+from moequant.kernels.cpu_workers import cpu_workers
+from moequant.kernels.torch_mse import e2m1_magnitude_f32
 
 NUM_CANDIDATES = 126
 BLOCKS_PER_CHUNK = 16384
@@ -153,6 +154,6 @@ def search_weighted(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor
         cols = torch.arange(start, stop, device=w.device) % n_cols
         out[b, start:stop] = _search_chunk(flat[b, start:stop], hh[b].index_select(0, cols), global_f32[b], tables[b])
 
-    with _cpu_workers(w.device) as mapper:
+    with cpu_workers(w.device) as mapper:
         list(mapper(run, items))
     return out.view(torch.float8_e4m3fn).reshape(*blocks.shape[:-1])

@@ -15,10 +15,17 @@ from torch import nn
 
 from moequant.models.experts import UnsupportedModelError
 
-try:  # transformers >= 5.0
-    from transformers.core_model_loading import revert_weight_conversion
-except ImportError:  # pragma: no cover - depends on the installed transformers
-    revert_weight_conversion = None
+
+def revert_weight_conversion(model: nn.Module, state_dict: dict) -> dict:
+    """transformers' own save-time conversion (``transformers.core_model_loading``), imported on first call:
+    that module pulls torch.distributed.tensor, sympy and accelerate (about 1.2 s on a 2-core CPU), which
+    ``import moequant`` must not pay."""
+    try:  # transformers >= 5.0
+        from transformers.core_model_loading import revert_weight_conversion as revert
+    except ImportError as err:
+        raise UnsupportedModelError("moequant needs transformers >= 5.0 (transformers.core_model_loading."
+                                    "revert_weight_conversion is missing)") from err
+    return revert(model, state_dict)
 
 
 def _index_tensor(shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
@@ -50,8 +57,6 @@ def disk_slices(
     ``params``: key -> (stored shape, transposed, experts or None). Returns key -> [(disk name, expert or
     None, (start, stop, step))]; expert is None for a linear or for a fused tensor written whole.
     """
-    if revert_weight_conversion is None:
-        raise UnsupportedModelError("moequant needs transformers >= 5.0 (revert_weight_conversion is missing)")
     index = {key: _index_tensor(shape, transposed) for key, (shape, transposed, _) in params.items()}
     spans = {}
     offset = 0.0
