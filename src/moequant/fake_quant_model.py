@@ -85,8 +85,11 @@ def _spec(checkpoint) -> tuple[Checkpoint, str, bool]:
 
 
 @torch.no_grad()
-def load_fake_quantized(model_dir, checkpoint, device, trust_remote_code: bool = False) -> nn.Module:
-    """The original model with the checkpoint's decoded weights and engine-like activation fake-quant."""
+def load_fake_quantized(model_dir, checkpoint, device, trust_remote_code: bool = False,
+                        activations: bool = True) -> nn.Module:
+    """The original model with the checkpoint's decoded weights and engine-like activation fake-quant.
+    ``activations=False``: weights only, whatever input scales the checkpoint ships (how vLLM runs an NVFP4
+    checkpoint on Hopper: Marlin W4A16 ignores them; ``bench/engine_check.py``)."""
     from moequant.discover import discover
     from moequant.weights import canonical_weight
 
@@ -110,7 +113,7 @@ def load_fake_quantized(model_dir, checkpoint, device, trust_remote_code: bool =
             continue  # left unquantized by the recipe: original weights
         if not all(n in seen for n in names):
             raise CheckpointError(f"{checkpoint}: {target.key} is only partly present in the checkpoint")
-        _attach_activation_quant(model, target, ckpt, scheme if static_inputs else None)
+        _attach_activation_quant(model, target, ckpt, scheme if static_inputs and activations else None)
     return model.to(device).eval()
 
 

@@ -204,13 +204,21 @@ def test_cli_engine_flag(exports, copy_of, capsys):
     assert f"[vllm_w13_scale] {name}:" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="export/common.py excluded_modules lists Mixtral's on-disk expert names for "
-                          "compressed-tensors; vLLM probes '<experts>.0.gate_proj' (see docs/engines.md)")
-def test_mixtral_ct_excluded_experts_known_gap(tmp_path):
+def test_mixtral_ct_excluded_experts_carry_vllm_probe_names(tmp_path):
+    """A Mixtral (on-disk w1/w2/w3) whose layer-0 experts stay float: the compressed-tensors ignore list also
+    names what vLLM probes for that FusedMoE (``<experts>.0.gate_proj/up_proj/down_proj``), so vLLM builds it
+    unquantized; without those three entries the contract fails on exactly that layer."""
     from test_export_content import _without_experts
 
     model, state = _without_experts("mixtral", layer=0)
     path = export(model, state, tmp_path / "ct", format="compressed-tensors")
     result = verify(path, engine="vllm")
     assert result.ok, result.summary()
+    ignore = json.loads((path / "config.json").read_text())["quantization_config"]["ignore"]
+    probes = [f"model.layers.0.block_sparse_moe.experts.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert set(probes) <= set(ignore) and "model.layers.0.block_sparse_moe.experts.7.w3" in ignore
+    assert not [e for e in ignore if e.startswith("model.layers.1.block_sparse_moe.experts")]
+
+    _set_ignore(path, "compressed-tensors", lambda entries: [e for e in entries if e not in probes])
+    result, failures = _vllm_failures(path, "vllm_exclude")
+    assert any("model.layers.0.block_sparse_moe.experts" in f.message for f in failures), result.summary()

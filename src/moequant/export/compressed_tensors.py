@@ -1,4 +1,4 @@
-"""compressed-tensors format (``nvfp4-pack-quantized`` / ``float-quantized``): QuantState + model -> tensors + config.
+"""compressed-tensors format (``nvfp4-pack-quantized`` / ``float-quantized``): QuantState -> tensors + config.
 
 Tensors per quantized linear ``<m>`` (on-disk module name, experts per expert):
 
@@ -35,6 +35,12 @@ Sources (full citations in docs/checkpoint-formats.md section 2):
     ``QuantizationConfig.model_dump`` (ran, 0.20.0, presets NVFP4 / NVFP4A16 / FP8).
   * KV names ``self_attn.k_scale`` / ``v_scale``: ``initialize.py`` ``initialize_attn_qparams``; vLLM
     ``compressed_tensors.py`` ``CompressedTensorsKVCacheMethod.validate_kv_cache_scheme``.
+  * ignore list: vLLM 0.26.0 (commit ``ffd46bfab``) ``compressed_tensors_moe/compressed_tensors_moe.py``
+    ``CompressedTensorsMoEMethod.get_moe_method`` decides a whole FusedMoE layer by probing
+    ``<prefix>.0.gate_proj``, ``.0.up_proj`` and ``.0.down_proj`` against ``ignore`` (``utils.py``
+    ``should_ignore_layer``: equality or ``re:``), whatever the checkpoint's projection names; Mixtral's
+    FusedMoE is ``<layer>.block_sparse_moe.experts`` with on-disk ``w1/w2/w3`` (``models/mixtral.py``).
+    ``_engine_ignore`` adds those three probe names for each excluded experts container.
   * gate/up global scales: vLLM ``CompressedTensorsW4A4Nvfp4MoEMethod.process_weights_after_loading`` keeps
     ``w13_weight_global_scale[:, 0]`` only (warns if w1 != w3): ours are equal by construction.
 """
@@ -44,7 +50,7 @@ from __future__ import annotations
 import torch
 
 from moequant.export import common
-from moequant.export.writer import TensorSpec
+from moequant.export.writer import TensorSpec, natural_key
 from moequant.scales import QuantState
 
 FORMAT = "compressed-tensors"
@@ -121,6 +127,25 @@ def _fp8_args(observer: bool) -> dict:
     return args
 
 
+VLLM_MOE_PROBES = ("gate_proj", "up_proj", "down_proj")  # what vLLM asks the ignore list for, under ``<prefix>.0.``
+
+
+def _engine_ignore(ignore: list[str]) -> list[str]:
+    """``ignore`` plus vLLM's FusedMoE probe names ``<container>.0.gate_proj/up_proj/down_proj`` for every excluded
+    experts container listed by its per-expert modules ``<container>.<e>.<proj>`` (``common.excluded_modules``)
+    under other projection names (Mixtral's ``w1/w2/w3``). Without them vLLM builds that layer as quantized and
+    fails on its float weights. The added names name no on-disk tensor; compressed-tensors 0.20.0
+    (``utils/match.py`` ``match_named_modules``) only skips modules an ignore entry matches, so there they are inert."""
+    containers = {}
+    for entry in ignore:
+        container, index, proj = (entry.rsplit(".", 2) + ["", ""])[:3]
+        if index == "0" and container.rpartition(".")[2] == "experts":
+            containers.setdefault(container, set()).add(proj)
+    extra = [f"{c}.0.{p}" for c, projs in containers.items() if not projs & set(VLLM_MOE_PROBES)
+             for p in VLLM_MOE_PROBES]
+    return list(ignore) + sorted(set(extra) - set(ignore), key=natural_key)
+
+
 def quantization_config(state: QuantState, ignore: list[str]) -> dict:
     """config.json ``quantization_config`` exactly as ``ModelCompressor.update_config`` (0.20.0) writes it."""
     scheme = common.scheme_of(state)
@@ -135,7 +160,7 @@ def quantization_config(state: QuantState, ignore: list[str]) -> dict:
              "weights": weights}
     return {
         "config_groups": {"group_0": group}, "format": fmt, "global_compression_ratio": None,
-        "ignore": list(ignore), "kv_cache_scheme": kv, "moe_sparsity_config": None,
+        "ignore": _engine_ignore(ignore), "kv_cache_scheme": kv, "moe_sparsity_config": None,
         "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
         "transform_config": {}, "version": CT_VERSION,
     }
