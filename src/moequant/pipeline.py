@@ -274,7 +274,8 @@ def _finish_containers(run: _Run, prefix: str) -> None:
     spec = run.recipe.calibration
     for cpath, obs in run.stats.experts.items():
         if cpath.startswith(prefix) and cpath not in run.expert_amax:
-            gate_up, down, record = finish_experts(obs, run.containers[cpath], spec.dead_experts, spec.min_tokens)
+            gate_up, down, record = finish_experts(obs, run.containers[cpath], spec.dead_experts, spec.min_tokens,
+                                                   spec.input_floor)
             run.expert_amax[cpath] = (gate_up, down)
             run.report.coverage.append(record)
 
