@@ -63,5 +63,5 @@ def test_the_report_lists_every_raised_expert(runs, family):
     assert "input floor (layer) raised: " in text
     summary = floored.report.floor_summary()
     raised = sum(len(c.floored) for c in floored.report.coverage)
-    assert summary.startswith(f"{raised} of ") and "largest factor" in summary
+    assert summary.startswith(f"{raised} expert inputs raised") and "largest factor" in summary
     assert own.report.floor_summary() is None

@@ -77,8 +77,7 @@ class Report:
         if not layers:
             return None
         raised = [(c.path, *f) for c in layers for f in c.floored]
-        total = sum(len(c.tokens) for c in layers) * 2
-        line = (f"{len(raised)} of {total} expert inputs raised to the layer's amax "
+        line = (f"{len(raised)} expert inputs raised to the layer's amax in {len(layers)} MoE layers "
                 f"(gate_up {sum(r[1] == 'gate_up' for r in raised)}, down {sum(r[1] == 'down' for r in raised)})")
         ratio = [(to / own if own > 0 else float("inf"), path, name, e) for path, name, e, own, to in raised]
         if ratio:
