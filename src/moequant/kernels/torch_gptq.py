@@ -14,8 +14,9 @@ Memory, beyond the caller's ``h`` (which may be the unnormalized ``X^T X`` sums,
 chunk): the experts are cut into chunks of ``e`` so that one float64 ``[e, K, K]`` array stays under
 ``CHUNK_BYTES``; a chunk holds at most 2 such arrays at once (the chunk's H, damped in place, then its Cholesky
 factor, ``H^-1`` and ``U`` in turn, ``inverse_factor(owned=True)``) besides the linear-algebra library's
-workspace, plus float64 ``[e, N, K]`` working weights: peak ~``2 * CHUNK_BYTES + 8 e N K`` bytes whatever the
-number of experts. Each chunk is an independent problem computed with the same ops (an elementwise division, per-expert
+workspace; besides, weight-sized arrays: the projection's fp32 element scales and uint8 codes (``5 E N K``
+bytes) and the chunk's float64 working weights (``8 e N K``). The ``[E, K, K]`` part is thus ``2 * CHUNK_BYTES``
+at most, whatever the number of experts. Each chunk is an independent problem computed with the same ops (an elementwise division, per-expert
 factorizations, batched matmuls whose rows are the chunk's experts), so the codes do not depend on the chunking
 (tested bit for bit); the chunking depends only on the shapes, so a rerun gives the same bytes.
 """
