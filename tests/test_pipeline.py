@@ -19,7 +19,7 @@ from moequant.recipe import RecipeError
 def runs():
     cache = {}
 
-    def get(family, policy="coverage", kv="fp8", name="nvfp4", sequential=True, floor="layer"):
+    def get(family, policy="coverage", kv="fp8", name="nvfp4", sequential=True, floor="none"):
         key = (family, policy, kv, name, sequential, floor)
         if key not in cache:
             if family not in cache:

@@ -55,7 +55,7 @@ class WeightSpec:
 class CalibrationSpec:
     dead_experts: str = field(default="coverage", metadata=_choice("coverage", "route_all", "routed"))
     min_tokens: int = field(default=16, metadata={"min": 1})   # fewer routed tokens = under-covered expert
-    input_floor: str = field(default="layer", metadata=_choice("layer", "none"))  # experts' input amax (calibrate)
+    input_floor: str = field(default="none", metadata=_choice("none", "layer"))  # experts' input amax (calibrate)
     samples: int = field(default=128, metadata={"min": 1})     # calibration sequences
     seq_len: int = field(default=512, metadata={"min": 1})     # tokens per sequence
     seed: int = field(default=0, metadata={"min": 0})          # sampling of the calibration windows
