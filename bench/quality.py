@@ -166,7 +166,7 @@ def main() -> None:
 def _shared_run(model, model_dir, device: str, backend: str):
     """``quantize(model, "nvfp4-gptq")`` with the GPTQ part of its weight step timed apart."""
     seconds = [0.0]
-    plain = quantize_module.gptq_scales
+    plain = quantize_module.gptq_group
 
     def timed(*args):
         start = time.perf_counter()
@@ -175,13 +175,13 @@ def _shared_run(model, model_dir, device: str, backend: str):
         finally:
             seconds[0] += time.perf_counter() - start
 
-    quantize_module.gptq_scales = timed
+    quantize_module.gptq_group = timed
     start = time.perf_counter()
     try:
         shared = quantize(model, load_recipe("nvfp4-gptq", calibration=CALIB), None,
                           tokenizer=load_tokenizer(model_dir), device=device, backend=backend)
     finally:
-        quantize_module.gptq_scales = plain
+        quantize_module.gptq_group = plain
     stages = ", ".join(f"{k} {v:.0f}" for k, v in shared.report.stage_seconds.items())
     print(f"# shared run (nvfp4-gptq: calibration forward with X^T X, weighted search, GPTQ): "
           f"{time.perf_counter() - start:.0f} s ({stages}; of the weights stage, GPTQ {seconds[0]:.0f})")

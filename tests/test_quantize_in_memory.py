@@ -19,13 +19,13 @@ from moequant.recipe import RecipeError
 def runs():
     cache = {}
 
-    def get(family, policy="coverage", kv="fp8", name="nvfp4", sequential=True):
-        key = (family, policy, kv, name, sequential)
+    def get(family, policy="coverage", kv="fp8", name="nvfp4", sequential=True, floor="none"):
+        key = (family, policy, kv, name, sequential, floor)
         if key not in cache:
             if family not in cache:
                 cache[family] = biased(family)
-            cache[key] = quantize(cache[family], recipe(name, policy, kv), calib_ids(), batch_size=3,
-                                  sequential=sequential)
+            cache[key] = quantize(cache[family], recipe(name, policy, kv, calibration={"input_floor": floor}),
+                                  calib_ids(), batch_size=3, sequential=sequential)
         return cache[key]
 
     return get
@@ -60,7 +60,8 @@ def test_every_expert_gets_a_finite_positive_input_scale(runs, family, policy):
 
 @pytest.mark.parametrize("family", BIASED_FAMILIES)
 def test_coverage_equals_route_all_for_under_covered_experts_at_lower_cost(runs, family):
-    cov, full, routed = runs(family, "coverage"), runs(family, "route_all"), runs(family, "routed")
+    """The policies alone (without the layer floor, tests/test_input_floor.py)."""
+    cov, full, routed = (runs(family, policy, floor="none") for policy in ("coverage", "route_all", "routed"))
     cov_scales, full_scales, routed_scales = _experts_scales(cov), _experts_scales(full), _experts_scales(routed)
     for c in cov.report.coverage:
         under = [e for e, _, _ in c.under_covered]

@@ -20,8 +20,12 @@ rounded to nearest instead). They are kept on the device of the observed inputs 
 torch.distributed, where each call's sum is kept apart for the ranks' fold: ``8 E K^2`` bytes per batch and
 projection until the layer's fold) and dropped per decoder layer
 (``drop_hessians``): memory ``8 K^2`` bytes per linear and ``8 E K^2`` per experts projection, e.g. 0.15 GiB
-for the built-in MoE's down projections (8 x 1536^2), 4 GiB for a Qwen3-30B-A3B gate_up (128 x 2048^2). Linears
-that read one tensor (q/k/v, gate/up) share one ``X^T X`` computation (the hook sees the same tensor object).
+for the built-in MoE's down projections (8 x 1536^2), 4 GiB for a Qwen3-30B-A3B gate_up (128 x 2048^2). These
+sums are the only ``[E, K, K]`` arrays: a call adds each routed expert's ``[K, K]`` block in place
+(``_Sums.add_experts``: no ``[E, K, K]`` temporary per call), ``hessians`` hands the sums and token counts to
+GPTQ without normalizing a copy, and GPTQ forms ``X^T X / T`` per chunk of experts
+(``kernels.torch_gptq``: ~``2 * CHUNK_BYTES`` more at most). Linears that read one tensor (q/k/v, gate/up)
+share one ``X^T X`` computation (the hook sees the same tensor object), and GPTQ runs them as one call.
 """
 
 from __future__ import annotations
@@ -51,6 +55,20 @@ class _Sums:
             self.parts.append(sq)
         else:
             self.sq += sq
+        self.count += torch.as_tensor(count).cpu()
+
+    def add_experts(self, grams: list[tuple[int, torch.Tensor]], count) -> None:
+        """``add`` of an ``[E, K, K]`` sum that is zero except for ``grams`` ((expert, [K, K]) pairs), without
+        building it: each expert's block is added in place (adding 0.0 leaves a float64 sum unchanged, so the
+        bits are those of ``add``); under torch.distributed the whole call's sum is still kept (``parts``)."""
+        if self.parts is not None:
+            full = torch.zeros_like(self.sq)
+            for e, g in grams:
+                full[e] = g
+            self.add(full, count)
+            return
+        for e, g in grams:
+            self.sq[e] += g.to(device=self.sq.device, dtype=torch.float64)
         self.count += torch.as_tensor(count).cpu()
 
     def fold(self, parts: list[torch.Tensor], count: torch.Tensor) -> None:
@@ -128,33 +146,32 @@ def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, inde
     sq = torch.zeros(e_count, hidden, dtype=torch.float64, device=x.device).index_add_(0, expert, x64[token].square())
     cs.gate_up.setdefault(c.path, cs.zeros(e_count, hidden)).add(sq, counts)
     if cs.hessians:
-        gram = torch.zeros(e_count, hidden, hidden, dtype=torch.float64, device=x.device)
+        grams = []
         for e in torch.unique(expert).tolist():
             rows = x64[token[expert == e]]
-            gram[e] = rows.T @ rows
-        cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x.device)).add(gram, counts)
+            grams.append((e, rows.T @ rows))
+        cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x.device)).add_experts(grams, counts)
     if want_down:
-        sq, gram = _gated_sums(c, x, token, expert, cs.hessians)
+        sq, grams = _gated_sums(c, x, token, expert, cs.hessians)
         cs.down.setdefault(c.path, cs.zeros(e_count, c.intermediate)).add(sq, counts)
-        if gram is not None:
+        if grams is not None:
             i = c.intermediate
-            cs.down_h.setdefault(c.path, cs.gram_zeros(e_count, i, i, device=x.device)).add(gram, counts)
+            cs.down_h.setdefault(c.path, cs.gram_zeros(e_count, i, i, device=x.device)).add_experts(grams, counts)
 
 
 def _gated_sums(c: ExpertsContainer, x, token, expert, gram: bool):
     """[E, I] float64 sums of squared gated inputs of the down projection over each expert's routed tokens, and
-    with ``gram`` their [E, I, I] X^T X sums (else None)."""
+    with ``gram`` their X^T X sums as (expert, [I, I]) pairs of the routed experts (else None)."""
     w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
     bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
     out = torch.zeros(c.num_experts, c.intermediate, dtype=torch.float64, device=x.device)
-    grams = torch.zeros(c.num_experts, c.intermediate, c.intermediate, dtype=torch.float64, device=x.device) \
-        if gram else None
+    grams = [] if gram else None
     for e in torch.unique(expert).tolist():
         rows = x[token[expert == e]]
         inner = c.module._apply_gate(F.linear(rows, w[e], bias[e] if bias is not None else None)).to(torch.float64)
         out[e] = inner.square().sum(0)                                             # inner: [n, I]
         if grams is not None:
-            grams[e] = inner.T @ inner
+            grams.append((e, inner.T @ inner))
     return out, grams
 
 
@@ -210,5 +227,5 @@ def hessians(plan: Plan, cs: ChannelStats, containers: dict[str, ExpertsContaine
             sums = (cs.gate_up_h if t.param_name == c.layout.gate_up else cs.down_h)[c.path]
         count, k = sums.count.to(sums.sq.device), sums.sq.shape[-1]
         status = torch.where(count < min_tokens, FEW_TOKENS, torch.where(count < k, RANK_DEFICIENT, GPTQ))
-        out[key] = GptqInput(sums.sq / count.clamp_min(1).to(torch.float64)[..., None, None], status.to(torch.int8))
+        out[key] = GptqInput(sums.sq, count.clamp_min(1).to(torch.float64), status.to(torch.int8))
     return out

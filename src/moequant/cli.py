@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=8)
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--device", default="auto")
+    e.add_argument("--ranges", type=int, default=10, metavar="N",
+                   help="list the N quantized inputs whose held-out amax most exceeds what their input scale "
+                        "represents (default: 10)")
     e.add_argument("--quiet", action="store_true")
     sub.add_parser("recipes", help="list the built-in recipes")
     return p
@@ -133,7 +136,7 @@ def _cmd_eval(a) -> int:
     model_dir = resolve_model(model, a.revision, trust_remote_code=a.trust_remote_code)
     result = evaluate(model_dir, a.quantized, a.data, a.windows, a.seq_len, resolve_device(a.device),
                       progress=not a.quiet, trust_remote_code=a.trust_remote_code)
-    print(result.summary())
+    print(result.summary(a.ranges))
     return 0
 
 

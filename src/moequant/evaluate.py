@@ -10,9 +10,11 @@ KV-cache quantization is not simulated (its scales are checked by the verifier).
 
 Metrics on held-out windows (default: the first 8 windows of 512 tokens of the State of the Union speeches
 from 2001 on, disjoint from the calibration text): perplexity of both models and the mean over tokens of
-KL(original || quantized) of the next-token distributions, in nats; and each window's mean negative
+KL(original || quantized) of the next-token distributions, in nats; each window's mean negative
 log-likelihood (for confidence intervals over windows: every window has the same length, so the perplexity is
-exp of the mean of the window means).
+exp of the mean of the window means); and per quantized input (linear, and each expert's gate_up and down) the
+held-out amax over the amax its shipped input scale can represent (``input_ranges``: above 1, the served
+model clips activations the calibration text never showed), worst first.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from moequant.calibration_data import CalibrationDataError, load_tokenizer, read_text_file, token_stream
+from moequant.input_ranges import SHOWN, InputRange, summary_lines, worst_first
 from moequant.model_ref import check_model_dir
 
 HELDOUT_FIRST_YEAR = 2001
@@ -42,14 +45,16 @@ class EvalResult:
     seconds: float
     window_nll_original: tuple[float, ...] = ()    # mean NLL (nats/token) of each window
     window_nll_quantized: tuple[float, ...] = ()
+    input_ranges: tuple[InputRange, ...] = ()       # worst (largest held-out / representable amax) first
 
-    def summary(self) -> str:
+    def summary(self, ranges_shown: int = SHOWN) -> str:
         lines = [f"held-out data: {self.data} ({self.windows} x {self.seq_len} tokens)",
                  f"perplexity, original:  {self.ppl_original:.3f}"]
         if self.ppl_quantized is not None:
             gap = self.ppl_quantized - self.ppl_original
             lines += [f"perplexity, quantized: {self.ppl_quantized:.3f}  (gap {gap:+.3f})",
                       f"mean KL(original || quantized): {self.kl_mean:.5f} nats/token"]
+        lines += summary_lines(list(self.input_ranges), ranges_shown)
         return "\n".join(lines)
 
 
@@ -95,8 +100,9 @@ def evaluate(model_dir, checkpoint=None, data=None, windows: int = 8, seq_len: i
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     ids, desc = eval_windows(tokenizer, data, windows, seq_len)
     original = load_original(model_dir, device, trust_remote_code)
-    quantized = (load_fake_quantized(model_dir, checkpoint, device, trust_remote_code) if checkpoint is not None
-                 else None)
+    ranges: list[InputRange] = []
+    quantized = (load_fake_quantized(model_dir, checkpoint, device, trust_remote_code, ranges=ranges)
+                 if checkpoint is not None else None)
     nll_o, nll_q, kl = [], [], []
     rows = range(ids.shape[0])
     if progress:
@@ -115,4 +121,5 @@ def evaluate(model_dir, checkpoint=None, data=None, windows: int = 8, seq_len: i
     ppl_q = math.exp(float(torch.cat(nll_q).mean())) if nll_q else None
     kl_mean = float(torch.cat(kl).mean()) if kl else None
     return EvalResult(ppl_o, ppl_q, kl_mean, ids.shape[0], seq_len, desc, time.perf_counter() - start,
-                      tuple(float(n.mean()) for n in nll_o), tuple(float(n.mean()) for n in nll_q))
+                      tuple(float(n.mean()) for n in nll_o), tuple(float(n.mean()) for n in nll_q),
+                      tuple(worst_first(ranges)))

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moequant.formats.activations import fake_quantize_activation_fp8, fake_quantize_activation_nvfp4
+from moequant.input_ranges import InputRange, module_name
 from moequant.verify import iter_decoded
 from moequant.verify.decode import Checkpoint, CheckpointError
 from moequant.verify.report import VerifyResult
@@ -37,12 +38,22 @@ def _input_scale(ckpt: Checkpoint, module: str) -> torch.Tensor | None:
     return None
 
 
-def _fake_quant_fn(scheme: str, scale: torch.Tensor | None):
+def _fake_quant_fn(scheme: str, scale: torch.Tensor | None, names: list[str], ranges: list | None):
+    """The input's fake-quantization; with ``ranges``, its held-out amax is recorded first (an ``InputRange``
+    appended there, see ``input_ranges``)."""
     if scale is None:
         return lambda x: x
-    if scheme == "nvfp4":
-        return lambda x: fake_quantize_activation_nvfp4(x, scale.to(x.device))
-    return lambda x: fake_quantize_activation_fp8(x, scale.to(x.device))
+    quant = fake_quantize_activation_nvfp4 if scheme == "nvfp4" else fake_quantize_activation_fp8
+    if ranges is None:
+        return lambda x: quant(x, scale.to(x.device))
+    seen = InputRange(module_name(names), scheme, float(scale))
+    ranges.append(seen)
+
+    def fn(x):
+        seen.observe(x)
+        return quant(x, scale.to(x.device))
+
+    return fn
 
 
 class FakeQuantExperts(nn.Module):
@@ -86,10 +97,12 @@ def _spec(checkpoint) -> tuple[Checkpoint, str, bool]:
 
 @torch.no_grad()
 def load_fake_quantized(model_dir, checkpoint, device, trust_remote_code: bool = False,
-                        activations: bool = True) -> nn.Module:
+                        *, activations: bool = True, ranges: list | None = None) -> nn.Module:
     """The original model with the checkpoint's decoded weights and engine-like activation fake-quant.
     ``activations=False``: weights only, whatever input scales the checkpoint ships (how vLLM runs an NVFP4
-    checkpoint on Hopper: Marlin W4A16 ignores them; ``bench/engine_check.py``)."""
+    checkpoint on Hopper: Marlin W4A16 ignores them; ``bench/engine_check.py``). ``ranges``: a list that
+    receives an ``input_ranges.InputRange`` per quantized input (linear, and expert projection), filled as
+    the model runs."""
     from moequant.discover import discover
     from moequant.weights import canonical_weight
 
@@ -113,15 +126,16 @@ def load_fake_quantized(model_dir, checkpoint, device, trust_remote_code: bool =
             continue  # left unquantized by the recipe: original weights
         if not all(n in seen for n in names):
             raise CheckpointError(f"{checkpoint}: {target.key} is only partly present in the checkpoint")
-        _attach_activation_quant(model, target, ckpt, scheme if static_inputs and activations else None)
+        _attach_activation_quant(model, target, ckpt, scheme if static_inputs and activations else None, ranges)
     return model.to(device).eval()
 
 
-def _attach_activation_quant(model, target, ckpt: Checkpoint, scheme: str | None) -> None:
+def _attach_activation_quant(model, target, ckpt: Checkpoint, scheme: str | None, ranges: list | None) -> None:
     if scheme is None:
         return
     if target.kind == "linear":
-        fq = _fake_quant_fn(scheme, _input_scale(ckpt, target.slices[0].name.removesuffix(".weight")))
+        name = target.slices[0].name.removesuffix(".weight")
+        fq = _fake_quant_fn(scheme, _input_scale(ckpt, name), [name], ranges)
         model.get_submodule(target.module_path).register_forward_pre_hook(lambda _m, args: (fq(args[0]),) + args[1:])
         return
     container = model.get_submodule(target.module_path)
@@ -130,12 +144,13 @@ def _attach_activation_quant(model, target, ckpt: Checkpoint, scheme: str | None
         e = target.shape[0]
         wrapper = FakeQuantExperts(container, [lambda x: x] * e, [lambda x: x] * e)
         model.set_submodule(target.module_path, wrapper)
-    per_expert = {}
+    per_expert, names = {}, {}
     for s in target.slices:
         scale = _input_scale(ckpt, s.name.removesuffix(".weight"))
         prev = per_expert.get(s.expert)
         per_expert[s.expert] = scale if prev is None else torch.maximum(prev, scale)
-    fns = [_fake_quant_fn(scheme, per_expert.get(e)) for e in range(target.shape[0])]
+        names.setdefault(s.expert, []).append(s.name.removesuffix(".weight"))
+    fns = [_fake_quant_fn(scheme, per_expert.get(e), names.get(e, []), ranges) for e in range(target.shape[0])]
     if target.param_name == "down_proj":
         wrapper.down_fq = fns
     else:

@@ -173,6 +173,8 @@ def summary_lines(o: QuantizeOutcome, fmt: str) -> list[str]:
         f"size                {o.size_before / 2**20:.1f} MiB -> {o.size_after / 2**20:.1f} MiB",
         "time                " + ", ".join(f"{k} {v:.1f}s" for k, v in {**o.seconds}.items()),
     ]
+    if report.floor_summary() is not None:
+        lines.append(f"input floor         {report.floor_summary()}")
     for c in report.coverage:
         if c.under_covered:
             got = ", ".join(f"e{e}:{n}->{what}" for e, n, what in c.under_covered[:6])

@@ -13,7 +13,8 @@ file name and line. Defaults live only in these dataclasses; a YAML file states 
     include:     [module-path globs]         if given, only targets whose module path matches one
     exclude:     [module-path globs]         targets whose module path matches one are left unquantized
     kv_cache:    none | fp8 | fp8-cast       fp8: calibrated k/v scales (amax / 448); fp8-cast: scales 1.0
-    calibration: {dead_experts: coverage | route_all | routed, min_tokens, samples, seq_len, seed}
+    calibration: {dead_experts: coverage | route_all | routed, min_tokens, input_floor: layer | none,
+                  samples, seq_len, seed}   (input_floor: moequant.calibrate, the experts' layer floor)
 
 ``include``/``exclude`` apply after structural discovery (``discover``), to ``Target.module_path`` with
 ``fnmatch`` rules (``*`` also crosses dots). A pattern that matches no module at all is an error (a typo
@@ -54,6 +55,7 @@ class WeightSpec:
 class CalibrationSpec:
     dead_experts: str = field(default="coverage", metadata=_choice("coverage", "route_all", "routed"))
     min_tokens: int = field(default=16, metadata={"min": 1})   # fewer routed tokens = under-covered expert
+    input_floor: str = field(default="none", metadata=_choice("none", "layer"))  # experts' input amax (calibrate)
     samples: int = field(default=128, metadata={"min": 1})     # calibration sequences
     seq_len: int = field(default=512, metadata={"min": 1})     # tokens per sequence
     seed: int = field(default=0, metadata={"min": 0})          # sampling of the calibration windows

@@ -70,6 +70,21 @@ class Report:
         return {w.key: [(e, FALLBACK_REASONS[r]) for e, r in w.gptq_fallback] for w in self.weight_errors
                 if w.gptq_fallback}
 
+    def floor_summary(self) -> str | None:
+        """One line on the experts' input-scale layer floor (``calibrate.layer_floor``): how many expert inputs it
+        raised, and the largest factor; None when no MoE layer was calibrated with it."""
+        layers = [c for c in self.coverage if c.floor != "none"]
+        if not layers:
+            return None
+        raised = [(c.path, *f) for c in layers for f in c.floored]
+        line = (f"{len(raised)} expert inputs raised to the layer's amax in {len(layers)} MoE layers "
+                f"(gate_up {sum(r[1] == 'gate_up' for r in raised)}, down {sum(r[1] == 'down' for r in raised)})")
+        ratio = [(to / own if own > 0 else float("inf"), path, name, e) for path, name, e, own, to in raised]
+        if ratio:
+            factor, path, name, e = max(ratio)
+            line += f"; largest factor {factor:.3g}x ({path} expert {e} {name})"
+        return line
+
     def weight_error_totals(self) -> tuple[float, float]:
         """Mean relative error over targets: (shipped scales, max scales)."""
         if not self.weight_errors:
@@ -85,6 +100,9 @@ class Report:
             lines.append(f"  {c.path}: {len(c.tokens)} experts, {len(c.under_covered)} under-covered "
                          f"(< {c.min_tokens} of {c.total_tokens} tokens)")
             lines.extend(f"    expert {e}: {n} routed tokens -> {got}" for e, n, got in c.under_covered)
+            raised = [f"{name} e{e} {to / own if own > 0 else float('inf'):.3g}x" for name, e, own, to in c.floored]
+            if raised:
+                lines.append(f"    input floor ({c.floor}) raised: " + ", ".join(raised))
         main, extra = self.observation_cost()
         lines.append(f"  observation cost ({self.policy}): {main} + {extra} expert x token evaluations")
         lines.append(f"  groups sharing scales: {len(self.groups)}")

@@ -24,7 +24,7 @@ from moequant.formats import fp8, nvfp4
 from moequant.formats.fp8 import fp8_tensor_scale, quantize_fp8_tensor, dequantize_fp8_tensor
 from moequant.formats.global_search import search_global
 from moequant.formats.nvfp4 import MAX_ABS, WeightError, check_weight, global_scale_from_amax, tensor_amax
-from moequant.gptq_step import GptqInput, gptq_scales
+from moequant.gptq_step import GptqInput, gptq_group
 from moequant.plan import Plan, Target, disk_name_of, disk_position
 from moequant.scales import QuantState, TensorScales
 
@@ -189,19 +189,21 @@ def _searched_scales(targets: list[Target], weights, amax, shared, options: _Opt
     """NVFP4 scales of ``targets`` with the options, one group at a time (a group shares its global scale)."""
     if options.four_over_six and options.method != "max":
         raise ValueError("four_over_six goes with method 'max' only: the exact searches already scan its candidates")
-    if options.method in ("weighted_mse", "gptq") and not options.global_search:  # scales, errors: one search
-        used = set()
-        for t in targets:
-            w = weights[t.key]
-            gs = global_scale_from_amax(shared[t.key])
-            *found, b = kernels.search_weighted_with_errors(w, gs, _channel_weights_of(t, options, w.device),
-                                                            options.backend)
-            used.add(b)
-            out[t.key] = _gptq_codes(t, w, _tensor_scales(t, w, amax[t.key], gs, *found, options.label), options)
-        return used | ({"torch"} if options.method == "gptq" else set())
     groups: dict[str, list[Target]] = {}
     for t in targets:
         groups.setdefault(t.group if t.group is not None else "target:" + t.key, []).append(t)
+    if options.method in ("weighted_mse", "gptq") and not options.global_search:  # scales, errors: one search
+        used = set()
+        for members in groups.values():
+            for t in members:
+                w = weights[t.key]
+                gs = global_scale_from_amax(shared[t.key])
+                *found, b = kernels.search_weighted_with_errors(w, gs, _channel_weights_of(t, options, w.device),
+                                                                options.backend)
+                used.add(b)
+                out[t.key] = _tensor_scales(t, w, amax[t.key], gs, *found, options.label)
+            _gptq_codes(members, weights, options, out)
+        return used | ({"torch"} if options.method == "gptq" else set())
     method = "weighted_mse" if options.method == "gptq" else options.method  # gptq: its scales are weighted_mse's
     search = kernels.block_search("four_over_six" if options.four_over_six else method, options.backend)
     for members in groups.values():
@@ -212,8 +214,8 @@ def _searched_scales(targets: list[Target], weights, amax, shared, options: _Opt
         else:
             gs, found = base, [search(w, base, h) for w, h in pairs]
         for t, (block, _) in zip(members, found):
-            out[t.key] = _gptq_codes(t, weights[t.key], _scales_at(t, weights[t.key], amax[t.key], gs, block, options),
-                                     options)
+            out[t.key] = _scales_at(t, weights[t.key], amax[t.key], gs, block, options)
+        _gptq_codes(members, weights, options, out)
     return set(search.backends) | ({"torch"} if options.method == "gptq" else set())
 
 
@@ -226,14 +228,18 @@ def _channel_weights_of(t: Target, options: _Options, device: torch.device) -> t
     return options.channel_weights[t.key].to(device)
 
 
-def _gptq_codes(t: Target, w: torch.Tensor, scales: TensorScales, options: _Options) -> TensorScales:
-    """With "gptq": GPTQ's codes under the scales just searched (``gptq_step``); else ``scales`` as they are."""
+def _gptq_codes(members: list[Target], weights: dict, options: _Options, out: dict) -> None:
+    """With "gptq": GPTQ's codes under the scales just searched for a group's ``members`` (``gptq_step``; linears
+    reading one input run as one call), replacing ``out``'s entries; else nothing."""
     if options.method != "gptq":
-        return scales
-    if t.key not in options.hessians:
-        raise ValueError(f"{t.key}: gptq needs its inputs' X^T X; it comes from activation calibration "
-                         "(moequant.quantize with calibration data)")
-    return gptq_scales(t, w, scales, options.hessians[t.key])
+        return
+    for t in members:
+        if t.key not in options.hessians:
+            raise ValueError(f"{t.key}: gptq needs its inputs' X^T X; it comes from activation calibration "
+                             "(moequant.quantize with calibration data)")
+    done = gptq_group(members, [weights[t.key] for t in members], [out[t.key] for t in members],
+                      [options.hessians[t.key] for t in members])
+    out.update({t.key: scales for t, scales in zip(members, done)})
 
 
 def _scales_at(t: Target, w, amax, gs, block, options: _Options) -> TensorScales:

@@ -10,9 +10,15 @@ import torch.multiprocessing as mp
 from dist_worker import rank_main, run
 
 
-@pytest.mark.parametrize("recipe", ["nvfp4-mse", "nvfp4-best", "nvfp4-gptq"])   # best, gptq: float64 sums, folded in order
+FLOORED = "floored.yaml"   # nvfp4-mse with the experts' layer floor (calibration.input_floor: layer)
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4-mse", "nvfp4-best", "nvfp4-gptq", FLOORED])   # best, gptq: float64 sums
 def test_two_gloo_processes_equal_one(model_dir, tmp_path, recipe):
     src = model_dir("qwen3_moe", dead_experts=True)   # under-covered experts: the coverage pass is reduced too
+    if recipe == FLOORED:   # a max taken before the ranks' MAX reduction: still one process's bytes
+        recipe = str(tmp_path / FLOORED)
+        Path(recipe).write_text("weights: {format: nvfp4, method: mse}\ncalibration: {input_floor: layer}\n")
     mp.spawn(rank_main, args=(2, str(tmp_path / "rendezvous"), str(src), str(tmp_path / "two"), "gloo", 2, recipe),
              nprocs=2, join=True)
     run(str(src), str(tmp_path / "one"), recipe=recipe)

@@ -61,18 +61,24 @@ FALLBACK_REASONS = {
 }
 
 
-def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 1-3 for ``h [..., K, K]`` (float64): (``U [..., K, K]``, ok ``[...]`` bool). ``U = I`` where not ok."""
-    h = h.to(torch.float64).clone()
+def inverse_factor(h: torch.Tensor, damp: float = DAMP, owned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 for ``h [..., K, K]`` (float64): (``U [..., K, K]``, ok ``[...]`` bool). ``U = I`` where not ok.
+    ``owned``: ``h`` is a float64 array the caller hands over (damped in place, freed early: at most two
+    ``[..., K, K]`` arrays live at once besides the library's workspace); otherwise it is copied first."""
+    h = h if owned and h.dtype == torch.float64 else h.to(torch.float64).clone()
     diag = h.diagonal(dim1=-2, dim2=-1)
     diag.masked_fill_(diag == 0, 1.0)
     diag.add_(damp * diag.mean(-1, keepdim=True))
     lower, info = torch.linalg.cholesky_ex(h)
+    del h, diag
     inverse = torch.cholesky_inverse(lower)
+    del lower
     upper, info2 = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     ok = (info == 0) & (info2 == 0) & torch.isfinite(upper).flatten(-2).all(-1)
-    eye = torch.eye(h.shape[-1], dtype=torch.float64, device=h.device).expand_as(upper)
-    return torch.where(ok[..., None, None], upper, eye), ok
+    upper.masked_fill_(~ok[..., None, None], 0.0)                                   # where not ok: U = I
+    upper.diagonal(dim1=-2, dim2=-1).masked_fill_(~ok[..., None], 1.0)
+    return upper, ok
 
 
 def round_column(w: torch.Tensor, scale_f32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

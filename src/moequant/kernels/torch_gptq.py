@@ -10,9 +10,15 @@ weights differ in the last bits and a code can differ where a value falls within
 decision boundary (tests: equal codes on well-conditioned random problems, objective within a stated tolerance
 otherwise). Batch indices with ``use`` False (fallbacks) get ``U = I``, i.e. round to nearest.
 
-Memory: float64 ``[e, K, K]`` for H and its factors (a few live at once) and ``[e, N, K]`` working weights, for a
-chunk of ``e`` experts sized so that one ``[e, K, K]`` array stays under ``CHUNK_BYTES`` (each chunk is an
-independent problem; the chunking depends only on the shapes, so a rerun gives the same bytes).
+Memory, beyond the caller's ``h`` (which may be the unnormalized ``X^T X`` sums, divided by ``tokens`` here, per
+chunk): the experts are cut into chunks of ``e`` so that one float64 ``[e, K, K]`` array stays under
+``CHUNK_BYTES``; a chunk holds at most 2 such arrays at once (the chunk's H, damped in place, then its Cholesky
+factor, ``H^-1`` and ``U`` in turn, ``inverse_factor(owned=True)``) besides the linear-algebra library's
+workspace; besides, weight-sized arrays: the projection's fp32 element scales and uint8 codes (``5 E N K``
+bytes) and the chunk's float64 working weights (``8 e N K``). The ``[E, K, K]`` part is thus ``2 * CHUNK_BYTES``
+at most, whatever the number of experts. Each chunk is an independent problem computed with the same ops (an elementwise division, per-expert
+factorizations, batched matmuls whose rows are the chunk's experts), so the codes do not depend on the chunking
+(tested bit for bit); the chunking depends only on the shapes, so a rerun gives the same bytes.
 """
 
 from __future__ import annotations
@@ -54,10 +60,12 @@ def _gptq_batch(w: torch.Tensor, scale: torch.Tensor, upper: torch.Tensor) -> to
 
 
 def gptq_codes(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor, h: torch.Tensor,
-               use: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+               use: torch.Tensor, damp: float = DAMP, tokens: torch.Tensor | None = None,
+               chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes uint8 ``[*B, N, K]`` and factorization success ``[*B]`` (False where ``use`` is False) of ``w [*B, N, K]``
     under its scales (``global_scale`` ``[*B]`` or one for all, ``block_scale`` ``[*B, N, K/16]``), for
-    ``h = X^T X / T [*B, K, K]`` on any device (moved to ``w``'s). ``B`` is 0 or 1 dimension."""
+    ``h = X^T X / T [*B, K, K]`` on any device (moved to ``w``'s), or with ``tokens [*B]`` (float64) ``h = X^T X``
+    summed, divided by ``tokens`` per chunk. ``B`` is 0 or 1 dimension. ``chunk_bytes``: default ``CHUNK_BYTES``."""
     lead = tuple(w.shape[:-2])
     n, k = w.shape[-2:]
     if len(lead) > 1 or tuple(h.shape) != lead + (k, k) or tuple(use.shape) != lead:
@@ -68,12 +76,16 @@ def gptq_codes(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.T
     use1 = use.reshape(-1).to(w.device)
     codes = torch.empty(w3.shape, dtype=torch.uint8, device=w.device)
     ok = torch.zeros(use1.shape, dtype=torch.bool, device=w.device)
-    per = max(1, CHUNK_BYTES // (k * k * 8))
+    count = tokens.reshape(-1).to(device=w.device, dtype=torch.float64) if tokens is not None else None
+    per = max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (k * k * 8))
     for a in range(0, w3.shape[0], per):
         b = min(a + per, w3.shape[0])
-        hh = h3[a:b].to(device=w.device, dtype=torch.float64)
-        eye = torch.eye(k, dtype=torch.float64, device=w.device).expand_as(hh)
-        upper, good = inverse_factor(torch.where(use1[a:b, None, None], hh, eye), damp)
+        hh = h3[a:b].to(device=w.device, dtype=torch.float64, copy=count is None)   # never the caller's array
+        hh = hh / count[a:b, None, None] if count is not None else hh
+        hh.masked_fill_(~use1[a:b, None, None], 0.0)
+        hh.diagonal(dim1=-2, dim2=-1).masked_fill_(~use1[a:b, None], 1.0)          # unused: H = I
+        upper, good = inverse_factor(hh, damp, owned=True)
+        del hh
         codes[a:b] = _gptq_batch(w3[a:b].to(torch.float32), scale[a:b], upper)
         ok[a:b] = good & use1[a:b]
     return codes.reshape(w.shape), ok.reshape(lead)

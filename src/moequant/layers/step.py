@@ -99,7 +99,8 @@ def finish_coverage(job: Job, stats: ActivationStats) -> tuple[list[ExpertsCover
     """Every observed experts container's remedy for under-covered experts, and its per-expert input amax."""
     spec, coverage, amax = job.recipe.calibration, [], {}
     for cpath, obs in stats.experts.items():
-        gate_up, down, record = finish_experts(obs, job.containers[cpath], spec.dead_experts, spec.min_tokens)
+        gate_up, down, record = finish_experts(obs, job.containers[cpath], spec.dead_experts, spec.min_tokens,
+                                               spec.input_floor)
         amax[cpath] = (gate_up, down)
         coverage.append(record)
     return coverage, amax
