@@ -190,7 +190,8 @@ def child_moequant(folder: Path, out: Path, device: str, profile: Path | None = 
         prof.disable()
         prof.dump_stats(str(profile))
     report = json.loads((out / "moequant_report.json").read_text())
-    return {"exit": code, "stages": report["seconds"], "verify_ok": report["verify_ok"]}
+    return {"exit": code, "stages": report["seconds"], "steps": report["report"]["stage_seconds"],
+            "verify_ok": report["verify_ok"]}
 
 
 def child_modelopt(folder: Path, out: Path, device: str, profile: Path | None = None) -> dict:
@@ -304,7 +305,11 @@ def main() -> None:
             print(_row(f"{tool} (whole job)", r["seconds"], model_bytes, floor, r))
     for tool in a.tools.split(","):
         if "stages" in results[tool]:
-            print(f"{tool} stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in results[tool]["stages"].items()))
+            stages = results[tool]["stages"]
+            rest = results[tool]["seconds"] - sum(stages.values())   # process start, imports, argument parsing
+            print(f"{tool} stages: start+import {rest:.1f}s, " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
+        if "steps" in results[tool]:
+            print(f"{tool} inside quantize: " + ", ".join(f"{k} {v:.2f}s" for k, v in results[tool]["steps"].items()))
 
 
 if __name__ == "__main__":

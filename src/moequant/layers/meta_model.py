@@ -188,13 +188,6 @@ def free(module: nn.Module) -> None:
     module.to("meta")
 
 
-def _drop(module: nn.Module) -> None:
-    """A zero-filled layer after its probe forward: back to meta, its memory back to the OS (returns None, so
-    a forward hook leaves the output alone)."""
-    free(module)
-    release_heap()
-
-
 def release_heap() -> None:
     """Hand the C heap's free memory back to the OS; call it once a decoder layer's tensors are all dropped.
 
@@ -223,11 +216,35 @@ _LIBC = _glibc()
 
 @contextmanager
 def zero_layers_on_the_fly(model: nn.Module, layers: nn.ModuleList, layers_path: str):
-    """Each (meta) decoder layer is zero-filled on the CPU while it runs, and back on meta afterwards."""
+    """Each (meta) decoder layer runs on zeros, and is back on meta afterwards.
+
+    The zeros are views into one zero-filled buffer per dtype, made once and shared by every layer (decoder
+    layers are alike, so one layer's worth serves all): a probe forward costs its arithmetic, not a
+    layer-sized allocation, page faults and memset per layer. Views, not stride-0 expansions: every kernel
+    (grouped matmuls included) sees an ordinary contiguous weight."""
+    pool: dict[torch.dtype, torch.Tensor] = {}
+
+    def zeros(meta: torch.Tensor, offsets: dict) -> torch.Tensor:
+        start = offsets.get(meta.dtype, 0)
+        offsets[meta.dtype] = start + meta.numel()
+        return pool[meta.dtype][start:start + meta.numel()].view(meta.shape)
+
     def pre(module, _args, i):
-        module.to_empty(device="cpu")
-        for t in list(module.parameters()) + list(module.buffers()):
-            t.data.zero_()
+        tensors = [(m, n, t, True) for m in module.modules() for n, t in m._parameters.items() if t is not None]
+        tensors += [(m, n, t, False) for m in module.modules() for n, t in m._buffers.items() if t is not None]
+        need: dict[torch.dtype, int] = {}
+        for _, _, t, _ in tensors:
+            need[t.dtype] = need.get(t.dtype, 0) + t.numel()
+        for dtype, n in need.items():
+            if dtype not in pool or pool[dtype].numel() < n:
+                pool.pop(dtype, None)
+                pool[dtype] = torch.zeros(n, dtype=dtype)
+        offsets: dict = {}
+        for owner, name, t, is_param in tensors:
+            if is_param:
+                owner._parameters[name] = nn.Parameter(zeros(t, offsets), requires_grad=False)
+            else:
+                owner._buffers[name] = zeros(t, offsets)
         init_non_persistent_buffers(model, f"{layers_path}.{i}.")
 
     handles, hooked = [], []
@@ -235,7 +252,7 @@ def zero_layers_on_the_fly(model: nn.Module, layers: nn.ModuleList, layers_path:
         if next(iter(layer.parameters()), torch.empty(0)).is_meta:
             hooked.append(layer)
             handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: pre(m, a, i)))
-            handles.append(layer.register_forward_hook(lambda m, a, o: _drop(m)))
+            handles.append(layer.register_forward_hook(lambda m, a, o: free(m)))
     try:
         yield
     finally:
@@ -243,3 +260,5 @@ def zero_layers_on_the_fly(model: nn.Module, layers: nn.ModuleList, layers_path:
             h.remove()
         for layer in hooked:
             free(layer)
+        pool.clear()
+        release_heap()
