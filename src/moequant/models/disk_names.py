@@ -40,13 +40,15 @@ def _index_tensor(shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
     return idx.reshape(e, 1, n) if transposed else idx.reshape(e, n, 1)
 
 
-def _as_progression(values: list[int], name: str) -> tuple[int, int, int]:
-    if len(values) == 1:
-        return values[0], values[0] + 1, 1
-    step = values[1] - values[0]
-    if step <= 0 or any(b - a != step for a, b in zip(values, values[1:])):
+def _as_progression(rows: torch.Tensor, name: str) -> tuple[int, int, int]:
+    """``rows`` (int64, 1-D) as ``(start, stop, step)``, or an error naming the on-disk tensor."""
+    if rows.numel() == 1:
+        return int(rows[0]), int(rows[0]) + 1, 1
+    diffs = rows[1:] - rows[:-1]
+    step = int(diffs[0])
+    if step <= 0 or not bool((diffs == step).all()):
         raise UnsupportedModelError(f"on-disk tensor {name} is not a regular row slice of its parameter")
-    return values[0], values[-1] + 1, step
+    return int(rows[0]), int(rows[-1]) + 1, step
 
 
 def disk_slices(
@@ -67,21 +69,25 @@ def disk_slices(
     reverted = revert_weight_conversion(model, dict(index))
     out: dict[str, list] = {key: [] for key in params}
     for name, tensor in reverted.items():
-        values = tensor.reshape(-1).tolist()
-        key = next((k for k, (lo, hi) in spans.items() if lo <= values[0] < hi), None)
+        flat = tensor.reshape(-1)
+        first = float(flat[0])
+        key = next((k for k, (lo, hi) in spans.items() if lo <= first < hi), None)
         if key is None:
             continue
         shape, transposed, experts = params[key]
-        local = [int(v - spans[key][0]) for v in values]
-        n = (shape[2] if transposed else shape[1]) if experts else len(local)
-        if experts and len(local) == experts * n:
+        local = (flat - spans[key][0]).to(torch.int64)   # exact: the index values are integers below 2^53
+        if experts:
+            n = shape[2] if transposed else shape[1]
+        else:
+            n = shape[1] if transposed else shape[0]
+        if experts and local.numel() == experts * n:
             out[key].append((name, None, (0, n, 1)))
             continue
-        expert_ids = {v // n for v in local}
-        if len(expert_ids) != 1:
-            raise UnsupportedModelError(f"on-disk tensor {name} mixes experts {sorted(expert_ids)}")
-        e = expert_ids.pop()
-        out[key].append((name, e if experts else None, _as_progression([v % n for v in local], name)))
+        expert_ids = local // n
+        e = int(expert_ids[0])
+        if not bool((expert_ids == e).all()):
+            raise UnsupportedModelError(f"on-disk tensor {name} mixes experts {expert_ids.unique().tolist()}")
+        out[key].append((name, e if experts else None, _as_progression(local % n, name)))
     missing = [k for k, v in out.items() if not v]
     if missing:
         raise UnsupportedModelError(f"could not map parameters to on-disk names: {missing[:3]}")
