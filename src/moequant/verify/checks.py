@@ -12,10 +12,10 @@ Structure is read from tensor names and shapes only (the engines fuse by name, s
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 
 import torch
 
@@ -261,28 +261,40 @@ def _routers_without_experts(inv: Inventory, parents: set[str], expected: int | 
                         f"router for {expected} experts but the layer has no expert tensors")
 
 
-def _matches(spec: FormatSpec, entry: str, module: str) -> bool:
+def _plain(entry: str) -> bool:
+    return not entry.startswith("re:") and not any(c in entry for c in "*?[")
+
+
+def _matcher(spec: FormatSpec, entry: str, substring: bool):
+    """``module -> bool`` for one exclude entry: ``re:`` a regular expression (from the start), else the exact
+    name, or (ModelOpt format) an fnmatch pattern; with ``substring``, ModelOpt's plain entries also match
+    inside a name (as vLLM's ModelOpt loader does). Built once per entry: the checks below ask every module."""
     if entry.startswith("re:"):
-        return re.match(entry[3:], module) is not None
-    return entry == module or (spec.format == "modelopt" and fnmatch(module, entry))
+        return re.compile(entry[3:]).match
+    if spec.format != "modelopt":
+        return entry.__eq__
+    if _plain(entry):   # fnmatch of a pattern without wildcards is equality, which a substring match includes
+        return (lambda module: entry in module) if substring else entry.__eq__
+    pattern = re.compile(fnmatch.translate(entry))
+    return (lambda module: entry in module or pattern.match(module) is not None) if substring else pattern.match
 
 
 def check_exclude_list(spec: FormatSpec, inv: Inventory, result: VerifyResult, tied_lm_head: bool = False) -> None:
     """The exclude/ignore list names exactly the unquantized linears (and never a quantized one). An entry that
     names no tensor is a warning, except the lm_head of a model with tied word embeddings (never stored)."""
+    exact = [_matcher(spec, e, substring=False) for e in spec.exclude]
     for module in inv.unquantized_linear:
-        if not any(_matches(spec, e, module) for e in spec.exclude):
+        if not any(m(module) for m in exact):
             result.fail("exclude_list", module, "unquantized linear not in the exclude/ignore list: engines would "
                         "build a quantized layer for it and fail to load its weight")
+    loose = [(e, _matcher(spec, e, substring=True)) for e in spec.exclude]
     for module in inv.quantized:
-        hit = [e for e in spec.exclude if _matches(spec, e, module)
-               or (spec.format == "modelopt" and not e.startswith("re:") and e in module)]
+        hit = [e for e, m in loose if m(module)]
         if hit:
             result.fail("exclude_list", module, f"quantized but matched by exclude entries {hit} (vLLM ModelOpt also "
                         "matches substrings): it would be loaded as unquantized")
     for entry in spec.exclude:
-        plain = not entry.startswith("re:") and not any(c in entry for c in "*?[")
-        if plain and entry not in inv.modules and not (tied_lm_head and entry.rsplit(".", 1)[-1] == "lm_head"):
+        if _plain(entry) and entry not in inv.modules and not (tied_lm_head and entry.rsplit(".", 1)[-1] == "lm_head"):
             result.warnings.append(f"exclude entry {entry!r} names no tensor of the checkpoint")
 
 
