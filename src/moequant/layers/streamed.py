@@ -24,6 +24,7 @@ scalars and error statistics but no block scales or codes (they live in the writ
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -90,18 +91,22 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
 
 def _stream(journal, model_dir, shards, recipe, fmt, calib, tokenizer, device, batch_size, backend, progress,
             ranks, trust_remote_code, max_shard_bytes):
+    start = time.perf_counter()
     model = meta_model(model_dir, shards, trust_remote_code)
     layers_path, layers = decoder_layers(model)
     load_into(model, shards, "", exclude_prefix=layers_path + ".")
+    model_seconds = time.perf_counter() - start
     with zero_layers_on_the_fly(model, layers, layers_path):
         job, report = start_job(model, recipe, device, backend, True)
+        report.stage_seconds = {"model": model_seconds, **report.stage_seconds}
         outside = [t.key for t in job.targets_of(None)]
         if outside:
             raise ExportError(f"{outside[0]}: a target outside the decoder layers; streaming quantizes layer by "
                               "layer: exclude it in the recipe or use --no-stream")
         batches = calibration_batches(job, report, calib, tokenizer, batch_size)
         if batches:
-            check_uniform_layer_arguments(model, layers_path, layers)
+            with timed(report.stage_seconds, "probe"):
+                check_uniform_layer_arguments(model, layers_path, layers)
     done = frozenset(journal.parts) if journal is not None else frozenset()
     if ranks is not None:
         done = ranks.broadcast(done)
