@@ -215,8 +215,10 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entry(name)[1]["shape"])
 
-    def get(self, name: str, pinned: bool = False) -> torch.Tensor:
-        """Tensor ``name`` read into CPU memory (``pinned``: page-locked, for a fast queued copy to a GPU)."""
+    def get(self, name: str, pinned: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` read into CPU memory (``pinned``: page-locked, for a fast queued copy to a GPU);
+        ``out``: read straight into this contiguous CPU tensor of the same dtype and element count instead
+        (no new buffer, no second copy)."""
         path, info, start = self.entry(name)
         dtype = DTYPES.get(info.get("dtype"))
         if dtype is None:
@@ -227,8 +229,13 @@ class SafetensorsSource:
         if end - begin != size:
             raise ShardError(f"{path}: tensor {name} spans {end - begin} bytes but {info['dtype']} {list(shape)} "
                              f"needs {size}; the file is corrupt: re-download it")
-        out = torch.empty(shape, dtype=dtype, pin_memory=pinned)
-        buf = out.view(-1).view(torch.uint8).numpy() if size else None
+        if out is None:
+            out = torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        elif out.dtype != dtype or out.numel() != math.prod(shape) or out.device.type != "cpu" \
+                or not out.is_contiguous():
+            raise ValueError(f"{name}: cannot read {info['dtype']} {list(shape)} into {out.dtype} "
+                             f"{list(out.shape)} on {out.device}")
+        buf = out.reshape(-1).view(torch.uint8).numpy() if size else None
         with open(path, "rb") as f:
             f.seek(start + begin)
             got = f.readinto(buf) if size else 0

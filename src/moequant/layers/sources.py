@@ -16,7 +16,7 @@ import torch
 from moequant.export.common import unquantized_tensors
 from moequant.layers.inputs import on_device
 from moequant.layers.job import Job, timed
-from moequant.layers.meta_model import free, install, read_plan, read_tensors, release_heap
+from moequant.layers.meta_model import BufferPool, free, install, read_plan, read_tensors
 from moequant.safetensors_source import SafetensorsSource
 
 
@@ -49,18 +49,31 @@ class ShardLayers:
         self.job, self.shards, self.seconds = job, shards, seconds
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-read") if prefetch else None
         self._ahead: dict[int, Future] = {}
+        # on a CPU, finished layers' weights are read into again (meta_model.BufferPool); a GPU's caching
+        # allocator already reuses device memory
+        self._buffers = BufferPool() if job.device.type == "cpu" else None
 
     def _start_read(self, i: int):
         plan = read_plan(self.job.model, self.job.layer_path(i) + ".")
         if self._pool is None:
             return plan, None
-        return plan, self._pool.submit(read_tensors, self.shards, plan, self.job.device)
+        return plan, self._pool.submit(read_tensors, self.shards, plan, self.job.device, self._buffers)
 
     def _values(self, i: int) -> dict[str, torch.Tensor]:
         if i in self._ahead:
             return self._ahead.pop(i).result()
         plan, future = self._start_read(i)
-        return future.result() if future is not None else read_tensors(self.shards, plan, self.job.device)
+        if future is not None:
+            return future.result()
+        return read_tensors(self.shards, plan, self.job.device, self._buffers)
+
+    def _weights(self, i: int) -> list[torch.Tensor]:
+        """Layer ``i``'s quantized weights: what the step reads and no sink keeps (a sink may still be writing
+        the unquantized tensors, so those are never reused)."""
+        model = self.job.model
+        weights = (getattr(model.get_submodule(t.module_path), t.param_name) for t in self.job.targets_of(i))
+        found = {id(w): w for w in weights if not w.is_meta}
+        return list(found.values())
 
     @contextmanager
     def layer(self, i: int, next_layer: int | None = None):
@@ -75,8 +88,10 @@ class ShardLayers:
         try:
             yield
         finally:
+            weights = self._weights(i) if self._buffers is not None else []
             free(layer)
-            release_heap()   # the layer's tensors are all dropped now: memory stays flat with depth
+            if self._buffers is not None:
+                self._buffers.give(w.data for w in weights)
 
     def unquantized(self, i: int) -> dict[str, torch.Tensor]:
         """The layer's unquantized tensors copied to the host (pinned, queued, one wait): the layer itself goes
@@ -91,6 +106,8 @@ class ShardLayers:
                 future.cancel()
             self._pool.shutdown(wait=True)
             self._ahead.clear()
+        if self._buffers is not None:
+            self._buffers.clear()
 
 
 def host_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
