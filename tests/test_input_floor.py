@@ -1,12 +1,14 @@
-"""The experts' input-scale layer floor (calibration.input_floor, default "layer"): every expert's gate_up input
+"""The experts' input-scale layer floor (calibration.input_floor: layer, opt-in): every expert's gate_up input
 amax is at least the layer's hidden-state amax, its down input amax at least the layer's largest expert down
 amax; the report lists each raised expert; "none" gives the policies' own values."""
+
+import re
 
 import pytest
 import torch
 from biased_models import biased, calib_ids, recipe
 
-from moequant import quantize
+from moequant import export, quantize, verify
 from moequant.calibrate import input_scale
 
 FAMILIES = ("qwen3_moe", "mixtral")
@@ -65,3 +67,21 @@ def test_the_report_lists_every_raised_expert(runs, family):
     raised = sum(len(c.floored) for c in floored.report.coverage)
     assert summary.startswith(f"{raised} expert inputs raised") and "largest factor" in summary
     assert own.report.floor_summary() is None
+
+
+@pytest.mark.parametrize("fmt", ("modelopt", "compressed-tensors"))
+def test_a_floored_checkpoint_is_what_a_max_over_experts_backend_runs(runs, fmt, tmp_path):
+    """vLLM's FlashInfer/CuteDSL/emulation NVFP4 MoE backends and its FP8 MoE quantize every expert's input with
+    the max over experts (docs/engines.md). With the floor every expert already ships that max (gate_up: every
+    token is routed to some expert, so the layer's hidden amax is the max of the experts' own), so such a
+    backend computes exactly what was calibrated: the contract's spread is x1. Without it the spread is > 1."""
+    spread = {}
+    for floor in ("layer", "none"):
+        result = runs("qwen3_moe", floor)
+        out = export(biased("qwen3_moe"), result.state, tmp_path / floor, format=fmt)
+        checked = verify(out, engine="vllm")
+        assert checked.ok, checked.failures
+        notes = [w for w in checked.warnings if w.startswith("per-expert input scales")]
+        assert len(notes) == 1, checked.warnings
+        spread[floor] = float(re.search(r"up to x([0-9.e+]+)", notes[0]).group(1))
+    assert spread["layer"] == 1.0 and spread["none"] > 1.0, spread
