@@ -197,8 +197,10 @@ def excluded_modules(model: nn.Module, state: QuantState, fmt: str) -> list[str]
     Linears by full name (Mixtral's router is ``model.layers.0.block_sparse_moe.gate`` on disk, not
     transformers' in-memory ``model.layers.0.mlp.gate``). An excluded experts container: ModelOpt gets the
     prefix wildcard ``<container>*`` (what ModelOpt writes; vLLM ``apply_vllm_mapper`` expands it to the
-    FusedMoE prefix and its children), compressed-tensors every per-expert module by name (vLLM
-    ``get_moe_method`` probes ``<container>.0.gate_proj`` against the ignore list).
+    FusedMoE prefix and its children), compressed-tensors every per-expert module by its on-disk name; where
+    those differ from the ``<container>.0.gate_proj`` / ``up_proj`` / ``down_proj`` that vLLM's ``get_moe_method``
+    probes against the ignore list (Mixtral's ``w1/w3/w2``), ``compressed_tensors._engine_ignore`` adds the
+    probed names too.
     """
     params, entries = {}, []
     for path in state.plan.excluded:
