@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moequant.calibration_data import load_tokenizer
-from moequant.layers.ranks import Ranks, init_from_env
+from moequant.layers.ranks import ProcessGroupFromEnv, Ranks
 from moequant.export import export
 from moequant.export.outdir import output_lock, reported_os_errors
 from moequant.export.writer import _check_target
@@ -106,7 +106,16 @@ def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nv
     _check_target(out, overwrite)   # before a download: an -o that cannot be written fails at once
     model_dir = resolve_model(model, revision, trust_remote_code=trust_remote_code)
     _check_target(out, overwrite, source_dir=model_dir)
-    device = init_from_env(resolve_device(device))   # under torchrun: join the group, this rank's GPU
+    group = ProcessGroupFromEnv(resolve_device(device))   # under torchrun: join the group, this rank's GPU
+    try:
+        return _run(group, model_dir, out, rec, fmt, calib, overwrite, progress, stream, trust_remote_code, model,
+                    seconds)
+    finally:
+        group.leave(barrier=False)   # after an error (a group left on success is not left twice)
+
+
+def _run(group, model_dir, out, rec, fmt, calib, overwrite, progress, stream, trust_remote_code, model, seconds):
+    device = group.device
     if not stream and Ranks.current() is not None:
         raise ModelDirError("--no-stream runs in one process; under torchrun quantize streams (drop --no-stream)")
     check_model_dir(model_dir, trust_remote_code)
@@ -119,6 +128,7 @@ def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nv
                                        overwrite=overwrite, progress=progress,
                                        trust_remote_code=trust_remote_code)
             seconds["quantize+export (streamed)"] = time.perf_counter() - t
+            group.leave(barrier=True)   # every rank is done with the collectives; rank 0 verifies alone
             if result is None:   # a torchrun rank other than 0: it computed and sent; rank 0 wrote and verifies
                 return None
         else:

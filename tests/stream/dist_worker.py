@@ -29,3 +29,21 @@ def rank_main(rank: int, world: int, rendezvous: str, src: str, out: str, backen
         run(src, out, batch_size, device, recipe, samples)
     finally:
         dist.destroy_process_group()
+
+
+def cli_rank_main(rank: int, world: int, port: int, args: list, left: str) -> None:
+    """One rank of ``moequant quantize`` under torchrun's environment: the CLI joins the group itself and must
+    leave it (writes ``left/<rank>`` when the group is gone after the command)."""
+    import os
+    from pathlib import Path
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from moequant.cli import main
+
+    code = main(args)
+    if code != 0:
+        raise SystemExit(f"rank {rank}: exit {code}")
+    if not dist.is_initialized():
+        (Path(left) / str(rank)).write_text("left")

@@ -1,13 +1,14 @@
 """2 and 8 processes over gloo (samples dealt out, amax reduced, weight search split by groups and expert
 ranges) write one process's bytes."""
 
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 import torch.multiprocessing as mp
-from dist_worker import rank_main, run
+from dist_worker import cli_rank_main, rank_main, run
 
 
 FLOORED = "floored.yaml"   # nvfp4-mse with the experts' layer floor (calibration.input_floor: layer)
@@ -84,3 +85,23 @@ def test_two_nccl_gpus_equal_one_gpu(model_dir, tmp_path):
     assert sorted(one) == sorted(two)
     for name, data in one.items():
         assert two[name] == data, name
+
+
+def test_the_cli_under_torchrun_joins_and_leaves_its_group(model_dir, tmp_path):
+    """``moequant quantize`` with torchrun's variables: the CLI joins the gloo group itself, rank 0 writes what
+    one process writes, and every rank has left the group when the command returns (a group left for
+    interpreter exit can abort the process there)."""
+    src = model_dir("qwen3_moe", dead_experts=True)
+    common = ["quantize", str(src), "--recipe", "nvfp4-mse", "--samples", "16", "--seq-len", "32", "--quiet",
+              "--device", "cpu"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "left").mkdir()
+    mp.spawn(cli_rank_main, args=(2, port, [*common, "-o", str(tmp_path / "two")], str(tmp_path / "left")),
+             nprocs=2, join=True)
+    assert sorted(p.name for p in (tmp_path / "left").iterdir()) == ["0", "1"]
+    from moequant.cli import main
+    assert main([*common, "-o", str(tmp_path / "one")]) == 0
+    weights = lambda d: {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}   # noqa: E731
+    assert weights(tmp_path / "one") and weights(tmp_path / "one") == weights(tmp_path / "two")

@@ -19,6 +19,8 @@ forward holding one layer at a time, without reading any weight.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import threading
@@ -100,11 +102,10 @@ class BufferPool:
     """Tensors of decoder layers the loop is done with, handed out again for the next layers' reads.
 
     Decoder layers have the same shapes, so after the first two layers every read finds its buffers here: the
-    C heap is not churned layer after layer (glibc keeps freed memory, and handing it back with
-    ``malloc_trim`` after every layer cost a page fault per page re-read: 2.5 s of 32 s on the built-in model,
-    2 cores). Only tensors that nothing else holds may be given back (``sources.ShardLayers`` gives the
-    quantized weights, which the step reads and no sink keeps). Thread-safe: the reader thread takes, the
-    loop gives."""
+    largest allocations are not freed and re-faulted layer after layer (with ``release_heap``'s bounded trim,
+    the rest of what glibc keeps stays bounded too). Only tensors that nothing else holds may be given back
+    (``sources.ShardLayers`` gives the quantized weights, which the step reads and no sink keeps).
+    Thread-safe: the reader thread takes, the loop gives."""
 
     def __init__(self):
         self._free: dict[tuple, list[torch.Tensor]] = {}
@@ -230,21 +231,25 @@ def free(module: nn.Module) -> None:
     module.to("meta")
 
 
-def release_heap() -> None:
-    """Hand the C heap's free memory back to the OS, once, after a phase whose buffers are all dropped (the
-    zero-filled probes). glibc keeps freed heap memory; with one decoder layer's buffers freed and new ones
-    taken for the next, what it kept grew with depth (CPU, 52 MB layers, default allocator: peak RSS 666 MB
-    at 8 layers, 1159 MB at 32). Trimming after every layer held it flat but re-faulted every page of the
-    next layer's buffers; the layer loop reuses them instead (``BufferPool``: 613 -> 626 MB at 8 -> 32 layers).
-    Where the C library has no ``malloc_trim`` (not glibc) this does nothing."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+def release_heap(keep: int = 0) -> None:
+    """Hand the C heap's free memory back to the OS when it holds more than ``keep`` bytes of it (all of it
+    with ``keep=0``). Where the C library has no ``malloc_trim`` (not glibc) this does nothing; where it cannot
+    say how much it holds (glibc < 2.33, no ``mallinfo2``) it trims whenever asked.
+
+    glibc keeps freed heap memory for reuse, and with one decoder layer's buffers freed and new ones of other
+    sizes taken for the next, what it keeps grows with depth (CPU, 52 MB layers, default allocator: peak RSS
+    666 MB at 8 layers, 1159 MB at 32). Trimming after every layer holds it flat but re-faults every page the
+    next layer touches (2.5-3.5 s of the built-in model's ~30 s on 2 cores); the loop reuses the weights'
+    buffers (``BufferPool``) and trims only when what glibc keeps exceeds about two layers, which bounds it
+    the same way at a fraction of the trims."""
+    if _LIBC is None:
+        return
+    if keep > 0 and _MALLINFO2 is not None and _MALLINFO2().fordblks <= keep:
+        return
+    _LIBC.malloc_trim(0)
 
 
 def _glibc():
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -254,6 +259,23 @@ def _glibc():
 
 
 _LIBC = _glibc()
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    """glibc's ``mallinfo2`` (its ``fordblks``: free bytes the heap keeps, all arenas), or None."""
+    fn = getattr(_LIBC, "mallinfo2", None) if _LIBC is not None else None
+    if fn is None:
+        return None
+    fn.restype = _Mallinfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
 
 
 @contextmanager

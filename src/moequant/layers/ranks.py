@@ -161,15 +161,35 @@ class Ranks:
                 for path in sorted(expert_amax)}
 
 
-def init_from_env(device: str) -> str:
-    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL for CUDA, else gloo) and return this
-    rank's device (``cuda:<LOCAL_RANK>``); otherwise return ``device`` unchanged."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return f"cuda:{local}"
-    dist.init_process_group("gloo")
-    return device
+class ProcessGroupFromEnv:
+    """Under ``torchrun`` (WORLD_SIZE > 1): joins the process group (NCCL for CUDA, else gloo); ``device`` is
+    this rank's (``cuda:<LOCAL_RANK>``), or the one given, unchanged, outside torchrun or when the caller has
+    already joined a group (then ``leave`` leaves it alone). A group joined here must be left here: one left
+    for interpreter exit can abort the process there (gloo's worker threads still holding work; see
+    pytorch/pytorch PR 179291)."""
+
+    def __init__(self, device: str):
+        self.device, self.joined = device, False
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+            return
+        if device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl")
+            self.device = f"cuda:{local}"
+        else:
+            dist.init_process_group("gloo")
+        self.joined = True
+
+    def leave(self, barrier: bool) -> None:
+        """Destroy the group joined here (once); ``barrier``: first wait until every rank got here (when the
+        work ran through: no rank tears down while another still communicates; never after an error, where
+        the other ranks may never arrive)."""
+        if not self.joined:
+            return
+        self.joined = False
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -16,7 +16,7 @@ import torch
 from moequant.export.common import unquantized_tensors
 from moequant.layers.inputs import on_device
 from moequant.layers.job import Job, timed
-from moequant.layers.meta_model import BufferPool, free, install, read_plan, read_tensors
+from moequant.layers.meta_model import BufferPool, free, install, read_plan, read_tensors, release_heap
 from moequant.safetensors_source import SafetensorsSource
 
 
@@ -81,7 +81,7 @@ class ShardLayers:
         path, layer = self.job.layer_path(i), self.job.layers[i]
         with timed(self.seconds, "load"):
             values = self._values(i)
-            install(self.job.model, values, path + ".", device=self.job.device)
+            layer_bytes = install(self.job.model, values, path + ".", device=self.job.device)
             del values
         if self._pool is not None and next_layer is not None and next_layer not in self._ahead:
             self._ahead[next_layer] = self._start_read(next_layer)[1]
@@ -92,6 +92,7 @@ class ShardLayers:
             free(layer)
             if self._buffers is not None:
                 self._buffers.give(w.data for w in weights)
+            release_heap(keep=2 * layer_bytes)   # bounds what glibc keeps (flat with depth), rarely trims
 
     def unquantized(self, i: int) -> dict[str, torch.Tensor]:
         """The layer's unquantized tensors copied to the host (pinned, queued, one wait): the layer itself goes
