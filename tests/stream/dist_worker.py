@@ -27,6 +27,7 @@ def rank_main(rank: int, world: int, rendezvous: str, src: str, out: str, backen
     dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         run(src, out, batch_size, device, recipe, samples)
+        dist.barrier()   # as the CLI does (ranks.ProcessGroupFromEnv.leave): no rank tears down while another talks
     finally:
         dist.destroy_process_group()
 
