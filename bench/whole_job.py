@@ -293,7 +293,9 @@ def main() -> None:
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
     card = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
-    print(f"\n{card}; {a.size} x {a.layers} layers, {model_bytes / 1e9:.2f} GB bf16; {SAMPLES} x {SEQ_LEN} tokens")
+    bytecode = "off: every process compiles its imports" if sys.flags.dont_write_bytecode else "on"
+    print(f"\n{card}; {a.size} x {a.layers} layers, {model_bytes / 1e9:.2f} GB bf16; {SAMPLES} x {SEQ_LEN} tokens; "
+          f"bytecode {bytecode}")
     print("| job | seconds | GB/s | x floor | peak RSS GiB | peak GPU GiB |\n|---|---|---|---|---|---|")
     print(_row("floor: read every tensor to the device", results["floor_read"], model_bytes, floor))
     print(_row("floor: write the output, fsync", results["floor_write"], model_bytes, floor))
