@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 
 from moequant.calibration_data import load_tokenizer
-from moequant.layers.ranks import ProcessGroupFromEnv, Ranks
 from moequant.export import export
 from moequant.export.outdir import output_lock, reported_os_errors
 from moequant.export.writer import _check_target
 from moequant.html_report import render
-from moequant.model_ref import ModelDirError, check_model_dir, model_name, resolve_model
 from moequant.layers.in_memory import QuantResult, quantize
-from moequant.recipe import load_recipe
+from moequant.layers.ranks import ProcessGroupFromEnv, Ranks
 from moequant.layers.streamed import quantize_streamed
+from moequant.model_ref import ModelDirError, check_model_dir, model_name, resolve_model
+from moequant.recipe import load_recipe
 from moequant.verify import VerifyResult, verify
 
 BUILTIN_SAMPLES, BUILTIN_SEQ_LEN = 16, 256  # the default model on a 2-core CPU: well under a minute
