@@ -138,12 +138,11 @@ def _read(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: list,
     written = torch.zeros(flat.shape[0], dtype=torch.int32)
     pinned = device.type == "cuda"   # page-locked reads, queued copies: the H2D copy runs at full speed
     for name, rows in parts:
-        disk_dtype = DTYPES.get(source.entry(name)[1].get("dtype"))
-        numel = math.prod(source.shape(name))
-        if numel != rows.numel() * width:
-            path = source.entry(name)[0]
-            raise ShardError(f"{path}: tensor {name} has shape {list(source.shape(name))}, but {key} {list(shape)} "
+        path, info, _ = source.entry(name)
+        if math.prod(info["shape"]) != rows.numel() * width:
+            raise ShardError(f"{path}: tensor {name} has shape {list(info['shape'])}, but {key} {list(shape)} "
                              f"needs {rows.numel()} rows of {width}; the checkpoint does not match config.json")
+        disk_dtype = DTYPES.get(info.get("dtype"))
         start = int(rows[0]) if rows.numel() else 0
         consecutive = bool(rows.numel()) and int(rows[-1]) - start + 1 == rows.numel() \
             and bool((rows.diff() == 1).all())
@@ -301,7 +300,6 @@ def zero_layers_on_the_fly(model: nn.Module, layers: nn.ModuleList, layers_path:
             need[t.dtype] = need.get(t.dtype, 0) + t.numel()
         for dtype, n in need.items():
             if dtype not in pool or pool[dtype].numel() < n:
-                pool.pop(dtype, None)
                 pool[dtype] = torch.zeros(n, dtype=dtype)
         offsets: dict = {}
         for owner, name, t, is_param in tensors:
