@@ -4,7 +4,7 @@
 scale, block scales of the weighted search with the channel weights ``E[x_k^2]``, round-to-nearest codes),
 then ``gptq_scales`` replaces the codes of every expert (or linear) whose ``X^T X`` is usable by GPTQ's
 (``formats.gptq``; batched over the experts of a projection by ``kernels.torch_gptq``, torch ops on the weight's
-device, no Triton), and the plain squared error by the shipped weights' error. The scales are untouched: the
+device; on CUDA each 16-column block's sweep is one Triton launch, ``kernels.triton_gptq``, with the same codes), and the plain squared error by the shipped weights' error. The scales are untouched: the
 checkpoint holds the searched scales, and a group still shares one global scale. Experts marked as fallbacks
 (too few routed tokens, singular H, a failed factorization) keep the round-to-nearest codes, i.e. exactly what
 "weighted_mse" ships; ``TensorScales.gptq_status`` records which (``formats.gptq.FALLBACK_REASONS``) and the
@@ -44,12 +44,15 @@ class GptqInput:
         return self.xtx / self.tokens[..., None, None]
 
 
-def gptq_scales(target: Target, w: torch.Tensor, scales: TensorScales, inp: GptqInput) -> TensorScales:
-    """``scales`` (weighted_mse's, with its round-to-nearest codes) with GPTQ's codes where ``inp`` allows."""
+def gptq_scales(target: Target, w: torch.Tensor, scales: TensorScales, inp: GptqInput,
+                backend: str = "torch") -> TensorScales:
+    """``scales`` (weighted_mse's, with its round-to-nearest codes) with GPTQ's codes where ``inp`` allows;
+    ``backend``: "torch" or "triton" (``kernels.torch_gptq.gptq_codes``)."""
     use = inp.status.to(w.device) == GPTQ
     if not bool(use.any()):
         return replace(scales, gptq_status=inp.status.clone())
-    codes, ok = gptq_codes(w, scales.global_scale, scales.block_scale, inp.xtx, use, tokens=inp.tokens)
+    codes, ok = gptq_codes(w, scales.global_scale, scales.block_scale, inp.xtx, use, tokens=inp.tokens,
+                           backend=backend)
     return _with_codes(target, w, scales, inp, use, codes, ok)
 
 
@@ -69,17 +72,17 @@ def _stackable(targets: list[Target], scales: list[TensorScales], inps: list[Gpt
 
 
 def gptq_group(targets: list[Target], ws: list[torch.Tensor], scales: list[TensorScales],
-               inps: list[GptqInput]) -> list[TensorScales]:
+               inps: list[GptqInput], backend: str = "torch") -> list[TensorScales]:
     """``gptq_scales`` of each target; linears reading one input (see ``_stackable``) run as one call with their
     rows stacked ``[sum N, K]``, giving the codes separate calls give."""
     if len(targets) < 2 or not _stackable(targets, scales, inps):
-        return [gptq_scales(t, w, s, i) for t, w, s, i in zip(targets, ws, scales, inps)]
+        return [gptq_scales(t, w, s, i, backend) for t, w, s, i in zip(targets, ws, scales, inps)]
     inp = inps[0]
     use = inp.status.to(ws[0].device) == GPTQ
     if not bool(use):
         return [replace(s, gptq_status=inp.status.clone()) for s in scales]
     w = torch.cat([x.detach() for x in ws])                                         # [sum N, K]
     block = torch.cat([s.block_scale for s in scales])                               # [sum N, K/16]
-    codes, ok = gptq_codes(w, scales[0].global_scale, block, inp.xtx, use, tokens=inp.tokens)
+    codes, ok = gptq_codes(w, scales[0].global_scale, block, inp.xtx, use, tokens=inp.tokens, backend=backend)
     parts = codes.split([x.shape[0] for x in ws])
     return [_with_codes(t, x, s, inp, use, c, ok) for t, x, s, c in zip(targets, ws, scales, parts)]

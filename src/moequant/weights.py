@@ -202,10 +202,11 @@ def _searched_scales(targets: list[Target], weights, amax, shared, options: _Opt
                                                                 options.backend)
                 used.add(b)
                 out[t.key] = _tensor_scales(t, w, amax[t.key], gs, *found, options.label)
-            _gptq_codes(members, weights, options, out)
-        return used | ({"torch"} if options.method == "gptq" else set())
+            used |= _gptq_codes(members, weights, options, out)
+        return used
     method = "weighted_mse" if options.method == "gptq" else options.method  # gptq: its scales are weighted_mse's
     search = kernels.block_search("four_over_six" if options.four_over_six else method, options.backend)
+    gptq_used: set[str] = set()
     for members in groups.values():
         pairs = [(weights[t.key], _channel_weights_of(t, options, weights[t.key].device)) for t in members]
         base = global_scale_from_amax(shared[members[0].key])
@@ -215,8 +216,8 @@ def _searched_scales(targets: list[Target], weights, amax, shared, options: _Opt
             gs, found = base, [search(w, base, h) for w, h in pairs]
         for t, (block, _) in zip(members, found):
             out[t.key] = _scales_at(t, weights[t.key], amax[t.key], gs, block, options)
-        _gptq_codes(members, weights, options, out)
-    return set(search.backends) | ({"torch"} if options.method == "gptq" else set())
+        gptq_used |= _gptq_codes(members, weights, options, out)
+    return set(search.backends) | gptq_used
 
 
 def _channel_weights_of(t: Target, options: _Options, device: torch.device) -> torch.Tensor | None:
@@ -228,18 +229,20 @@ def _channel_weights_of(t: Target, options: _Options, device: torch.device) -> t
     return options.channel_weights[t.key].to(device)
 
 
-def _gptq_codes(members: list[Target], weights: dict, options: _Options, out: dict) -> None:
+def _gptq_codes(members: list[Target], weights: dict, options: _Options, out: dict) -> set[str]:
     """With "gptq": GPTQ's codes under the scales just searched for a group's ``members`` (``gptq_step``; linears
-    reading one input run as one call), replacing ``out``'s entries; else nothing."""
+    reading one input run as one call), replacing ``out``'s entries, and the backend used; else nothing."""
     if options.method != "gptq":
-        return
+        return set()
     for t in members:
         if t.key not in options.hessians:
             raise ValueError(f"{t.key}: gptq needs its inputs' X^T X; it comes from activation calibration "
                              "(moequant.quantize with calibration data)")
+    used = kernels.resolve_backend(options.backend, weights[members[0].key].device)
     done = gptq_group(members, [weights[t.key] for t in members], [out[t.key] for t in members],
-                      [options.hessians[t.key] for t in members])
+                      [options.hessians[t.key] for t in members], used)
     out.update({t.key: scales for t, scales in zip(members, done)})
+    return {used}
 
 
 def _scales_at(t: Target, w, amax, gs, block, options: _Options) -> TensorScales:

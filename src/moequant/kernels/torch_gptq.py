@@ -12,12 +12,13 @@ otherwise). Batch indices with ``use`` False (fallbacks) get ``U = I``, i.e. rou
 
 Memory, beyond the caller's ``h`` (which may be the unnormalized ``X^T X`` sums, divided by ``tokens`` here, per
 chunk): the experts are cut into chunks of ``e`` so that one float64 ``[e, K, K]`` array stays under
-``CHUNK_BYTES``; a chunk holds at most 2 such arrays at once (the chunk's H, damped in place, then its Cholesky
-factor, ``H^-1`` and ``U`` in turn, ``inverse_factor(owned=True)``) besides the linear-algebra library's
+``CHUNK_BYTES``; a chunk holds at most 2 such arrays at once (the chunk's H, damped in place, then its flipped
+copy, its Cholesky factor, that factor's inverse and ``U`` in turn, ``inverse_factor(owned=True)``) besides the
+linear-algebra library's
 workspace; besides, weight-sized arrays: the projection's fp32 element scales and uint8 codes (``5 E N K``
 bytes) and the chunk's float64 working weights (``8 e N K``). The ``[E, K, K]`` part is thus ``2 * CHUNK_BYTES``
-at most, whatever the number of experts. Each chunk is an independent problem computed with the same ops (an elementwise division, per-expert
-factorizations, batched matmuls whose rows are the chunk's experts), so the codes do not depend on the chunking
+at most, whatever the number of experts. Each chunk is an independent problem computed with the same ops (an
+elementwise division, per-expert factorizations, batched matmuls whose rows are the chunk's experts), so the codes do not depend on the chunking
 (tested bit for bit); the chunking depends only on the shapes, so a rerun gives the same bytes.
 """
 
@@ -32,12 +33,27 @@ COLUMN_BLOCK = 128
 CHUNK_BYTES = 1 << 30
 
 
-def _gptq_batch(w: torch.Tensor, scale: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+def _sweep_torch(block, scale, rows, codes, errors) -> None:
+    """One 16-column NVFP4 block, column by column (``kernels.triton_gptq.sweep_block``'s contract; ``block`` is
+    updated in place, which nothing reads afterwards)."""
+    end = block.shape[-1]
+    for j in range(end):
+        codes[:, :, j], q = round_column(block[:, :, j], scale[:, :, j])
+        err = (block[:, :, j] - q) / rows[:, j, j, None]    # [E, N]
+        block[:, :, j:end] -= err[:, :, None] * rows[:, None, j, j:end]
+        errors[:, :, j] = err
+
+
+def _gptq_batch(w: torch.Tensor, scale: torch.Tensor, upper: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """Codes uint8 ``[E, N, K]`` of float32 ``w [E, N, K]`` at fp32 element scales ``scale [E, N, K]`` for upper
     factors ``upper [E, K, K]`` (step 4 of ``formats.gptq``): two levels of lazy updates, the column's error
-    within its 16-column NVFP4 block elementwise, the rest of the ``COLUMN_BLOCK`` and then the rest of the
-    weight by batched matmuls."""
+    within its 16-column NVFP4 block elementwise (``_sweep_torch``, or its one-launch Triton twin), the rest of
+    the ``COLUMN_BLOCK`` and then the rest of the weight by batched matmuls."""
     e, n, k = w.shape
+    if backend == "triton":
+        from moequant.kernels.triton_gptq import sweep_block
+    else:
+        sweep_block = _sweep_torch
     work = w.to(torch.float64)
     codes = torch.empty((e, n, k), dtype=torch.uint8, device=w.device)
     for start in range(0, k, COLUMN_BLOCK):
@@ -47,11 +63,9 @@ def _gptq_batch(w: torch.Tensor, scale: torch.Tensor, upper: torch.Tensor) -> to
         errors = torch.empty_like(block)
         for inner in range(0, stop - start, BLOCK_SIZE):
             end = min(inner + BLOCK_SIZE, stop - start)
-            for j in range(inner, end):
-                codes[:, :, start + j], q = round_column(block[:, :, j], scale[:, :, start + j])
-                err = (block[:, :, j] - q) / rows[:, j, j, None]    # [E, N]
-                block[:, :, j:end] -= err[:, :, None] * rows[:, None, j, j:end]
-                errors[:, :, j] = err
+            sweep_block(block[:, :, inner:end], scale[:, :, start + inner:start + end],
+                        rows[:, inner:end, inner:end], codes[:, :, start + inner:start + end],
+                        errors[:, :, inner:end])
             if end < stop - start:
                 block[:, :, end:] -= errors[:, :, inner:end] @ rows[:, inner:end, end:]
         if stop < k:
@@ -59,20 +73,32 @@ def _gptq_batch(w: torch.Tensor, scale: torch.Tensor, upper: torch.Tensor) -> to
     return codes
 
 
+def _chunk_h(h3, count, a: int, b: int, use1, device) -> torch.Tensor:
+    """The chunk's float64 ``H`` (a new array, never the caller's; handed to ``inverse_factor`` as its only
+    reference, so that it is freed as soon as it is factored); unused experts get ``H = I``."""
+    hh = h3.to(device=device, dtype=torch.float64, copy=count is None)
+    hh = hh / count[a:b, None, None] if count is not None else hh
+    hh.masked_fill_(~use1[:, None, None], 0.0)
+    hh.diagonal(dim1=-2, dim2=-1).masked_fill_(~use1[:, None], 1.0)
+    return hh
+
+
 def gptq_codes(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor, h: torch.Tensor,
                use: torch.Tensor, damp: float = DAMP, tokens: torch.Tensor | None = None,
-               chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk_bytes: int | None = None, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """Codes uint8 ``[*B, N, K]`` and factorization success ``[*B]`` (False where ``use`` is False) of ``w [*B, N, K]``
     under its scales (``global_scale`` ``[*B]`` or one for all, ``block_scale`` ``[*B, N, K/16]``), for
     ``h = X^T X / T [*B, K, K]`` on any device (moved to ``w``'s), or with ``tokens [*B]`` (float64) ``h = X^T X``
-    summed, divided by ``tokens`` per chunk. ``B`` is 0 or 1 dimension. ``chunk_bytes``: default ``CHUNK_BYTES``."""
+    summed, divided by ``tokens`` per chunk. ``B`` is 0 or 1 dimension. ``chunk_bytes``: default ``CHUNK_BYTES``.
+    ``backend``: "torch", or "triton" (CUDA: each 16-column block in one launch, ``kernels.triton_gptq``; the same
+    codes)."""
     lead = tuple(w.shape[:-2])
     n, k = w.shape[-2:]
     if len(lead) > 1 or tuple(h.shape) != lead + (k, k) or tuple(use.shape) != lead:
         raise ValueError(f"gptq_codes: w {tuple(w.shape)}, h {tuple(h.shape)}, use {tuple(use.shape)} do not fit "
                          "[E, N, K] / [E, K, K] / [E] (or [N, K] / [K, K] / [])")
     w3, h3 = w.detach().reshape(-1, n, k), h.reshape(-1, k, k)
-    scale = column_scales(global_scale.to(w.device), block_scale, k).reshape(-1, n, k)
+    scale = column_scales(global_scale.to(w.device), block_scale, k).reshape(-1, n, k).contiguous()
     use1 = use.reshape(-1).to(w.device)
     codes = torch.empty(w3.shape, dtype=torch.uint8, device=w.device)
     ok = torch.zeros(use1.shape, dtype=torch.bool, device=w.device)
@@ -80,12 +106,7 @@ def gptq_codes(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.T
     per = max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (k * k * 8))
     for a in range(0, w3.shape[0], per):
         b = min(a + per, w3.shape[0])
-        hh = h3[a:b].to(device=w.device, dtype=torch.float64, copy=count is None)   # never the caller's array
-        hh = hh / count[a:b, None, None] if count is not None else hh
-        hh.masked_fill_(~use1[a:b, None, None], 0.0)
-        hh.diagonal(dim1=-2, dim2=-1).masked_fill_(~use1[a:b, None], 1.0)          # unused: H = I
-        upper, good = inverse_factor(hh, damp, owned=True)
-        del hh
-        codes[a:b] = _gptq_batch(w3[a:b].to(torch.float32), scale[a:b], upper)
+        upper, good = inverse_factor(_chunk_h(h3[a:b], count, a, b, use1[a:b], w.device), damp, owned=True)
+        codes[a:b] = _gptq_batch(w3[a:b].to(torch.float32), scale[a:b], upper, backend)
         ok[a:b] = good & use1[a:b]
     return codes.reshape(w.shape), ok.reshape(lead)
