@@ -73,3 +73,23 @@ def test_plain_error_of_round_to_nearest_codes_is_nvfp4s_bit_for_bit():
     w, gs, bs, _ = problem(3, 16, 64, 64, 6)
     assert torch.equal(gptq.code_block_squared_error(w, quantize_nvfp4(w, gs, bs), gs, bs),
                        weight_squared_error(w, gs, bs))
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """U from one factorization of J H J (step 3) is the textbook U = cholesky(H^-1, upper) of the damped H:
+    upper triangular, positive diagonal, U^T U H = I, equal to the textbook route to float64 rounding."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 300, 96, generator=gen, dtype=torch.float64) * torch.rand(3, 1, 96, generator=gen).add(0.1)
+    h = x.transpose(1, 2) @ x / 300
+    h[1, :, 5] = h[1, 5, :] = 0.0                                    # a dead channel: H_kk = 1, then damped
+    u, ok = gptq.inverse_factor(h)
+    assert bool(ok.all())
+    assert torch.equal(u, u.triu()) and bool((u.diagonal(dim1=-2, dim2=-1) > 0).all())
+    damped = h.clone()
+    d = damped.diagonal(dim1=-2, dim2=-1)
+    d.masked_fill_(d == 0, 1.0)
+    d.add_(gptq.DAMP * d.mean(-1, keepdim=True))
+    eye = torch.eye(96, dtype=torch.float64).expand(3, 96, 96)
+    assert torch.allclose(u.transpose(1, 2) @ u @ damped, eye, atol=1e-9)
+    textbook = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.allclose(u, textbook, rtol=1e-10, atol=1e-12 * float(textbook.abs().max()))

@@ -16,8 +16,12 @@ Arithmetic (float64 unless said; ``w`` is converted to float32 first, exactly, t
      channel is uncorrelated with the others, so it gets no error feedback and is rounded to nearest. Unlike
      GPTQ we keep its weights (GPTQ zeroes them): the calibration text cannot tell them apart, held-out text can.
   2. damping: ``H += lambda I``, ``lambda = DAMP * mean(diag(H))``, ``DAMP = 0.01`` (GPTQ's ``percdamp``).
-  3. ``U`` = the upper Cholesky factor of ``H^-1``: ``L = cholesky(H)``, ``H^-1 = cholesky_inverse(L)``,
-     ``U = cholesky(H^-1, upper=True)`` (``torch.linalg``, ``inverse_factor``). If a factorization fails (its
+  3. ``U`` = the upper Cholesky factor of ``H^-1`` (``U^T U = H^-1``), from ONE factorization and a triangular
+     inverse: with ``J`` the exchange matrix (reversal of rows/columns), ``J H J = L L^T`` (``cholesky``, L lower)
+     gives ``H = V V^T`` with ``V = J L J`` upper, so ``H^-1 = (V^-1)^T V^-1`` and ``U = V^-1 = J L^-1 J``
+     (``solve_triangular(L, I)``, flipped; ``inverse_factor``). The textbook route (cholesky, cholesky_inverse,
+     cholesky of the inverse) is the same matrix in exact arithmetic; this one is 5x faster on an H200 (0.04 vs
+     0.20 s for 32 x [2048, 2048]) and agrees with it to 1e-15 relative. If the factorization fails (its
      ``info`` is non-zero) ``U = I``: the codes are then round to nearest and the caller reports the fallback.
   4. columns in blocks of ``COLUMN_BLOCK = 16`` (one NVFP4 block; the scales are fixed, so the block size is
      only GPTQ's "lazy batch" granularity, not part of the result in exact arithmetic). In a block, for each
@@ -69,13 +73,17 @@ def inverse_factor(h: torch.Tensor, damp: float = DAMP, owned: bool = False) -> 
     diag = h.diagonal(dim1=-2, dim2=-1)
     diag.masked_fill_(diag == 0, 1.0)
     diag.add_(damp * diag.mean(-1, keepdim=True))
-    lower, info = torch.linalg.cholesky_ex(h)
-    del h, diag
-    inverse = torch.cholesky_inverse(lower)
+    del diag
+    flipped = h.flip(-1, -2)                                     # J H J (J: the exchange matrix), a copy
+    del h
+    lower, info = torch.linalg.cholesky_ex(flipped)              # J H J = L L^T
+    del flipped
+    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+    inverse = torch.linalg.solve_triangular(lower, eye, upper=False)            # L^-1
     del lower
-    upper, info2 = torch.linalg.cholesky_ex(inverse, upper=True)
+    upper = inverse.flip(-1, -2)                                                # U = J L^-1 J
     del inverse
-    ok = (info == 0) & (info2 == 0) & torch.isfinite(upper).flatten(-2).all(-1)
+    ok = (info == 0) & torch.isfinite(upper).flatten(-2).all(-1)
     upper.masked_fill_(~ok[..., None, None], 0.0)                                   # where not ok: U = I
     upper.diagonal(dim1=-2, dim2=-1).masked_fill_(~ok[..., None], 1.0)
     return upper, ok
