@@ -145,29 +145,39 @@ def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, inde
     counts = torch.bincount(expert, minlength=e_count)
     sq = torch.zeros(e_count, hidden, dtype=torch.float64, device=x.device).index_add_(0, expert, x64[token].square())
     cs.gate_up.setdefault(c.path, cs.zeros(e_count, hidden)).add(sq, counts)
+    routed = _routed_tokens(token, expert, counts) if cs.hessians or want_down else []
     if cs.hessians:
         grams = []
-        for e in torch.unique(expert).tolist():
-            rows = x64[token[expert == e]]
+        for e, rows_of in routed:
+            rows = x64[rows_of]
             grams.append((e, rows.T @ rows))
         cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x.device)).add_experts(grams, counts)
     if want_down:
-        sq, grams = _gated_sums(c, x, token, expert, cs.hessians)
+        sq, grams = _gated_sums(c, x, routed, cs.hessians)
         cs.down.setdefault(c.path, cs.zeros(e_count, c.intermediate)).add(sq, counts)
         if grams is not None:
             i = c.intermediate
             cs.down_h.setdefault(c.path, cs.gram_zeros(e_count, i, i, device=x.device)).add_experts(grams, counts)
 
 
-def _gated_sums(c: ExpertsContainer, x, token, expert, gram: bool):
-    """[E, I] float64 sums of squared gated inputs of the down projection over each expert's routed tokens, and
-    with ``gram`` their X^T X sums as (expert, [I, I]) pairs of the routed experts (else None)."""
+def _routed_tokens(token: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(expert, its routed tokens in pair order) for every expert with at least one pair, ascending: one stable
+    sort and one device sync per call (a boolean mask per expert costs a sync each: 128 experts x batches)."""
+    tokens_sorted = token[torch.sort(expert, stable=True).indices]
+    sizes = counts.tolist()
+    return [(e, rows) for e, (n, rows) in enumerate(zip(sizes, tokens_sorted.split(sizes))) if n]
+
+
+def _gated_sums(c: ExpertsContainer, x, routed: list[tuple[int, torch.Tensor]], gram: bool):
+    """[E, I] float64 sums of squared gated inputs of the down projection over each expert's routed tokens
+    (``routed``: ``_routed_tokens``), and with ``gram`` their X^T X sums as (expert, [I, I]) pairs of the routed
+    experts (else None)."""
     w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
     bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
     out = torch.zeros(c.num_experts, c.intermediate, dtype=torch.float64, device=x.device)
     grams = [] if gram else None
-    for e in torch.unique(expert).tolist():
-        rows = x[token[expert == e]]
+    for e, rows_of in routed:
+        rows = x[rows_of]
         inner = c.module._apply_gate(F.linear(rows, w[e], bias[e] if bias is not None else None)).to(torch.float64)
         out[e] = inner.square().sum(0)                                             # inner: [n, I]
         if grams is not None:
