@@ -43,13 +43,16 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=e2e_gpu.EXPERTS)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--samples", type=int, default=e2e_gpu.SAMPLES,
+                        help="calibration sequences of 512 tokens (gptq: an expert needs as many routed tokens as "
+                             "input channels, else it falls back to round to nearest; 16 leaves most experts there)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 
     from moequant import load_recipe, quantize
 
     e2e_gpu.DEVICE = args.device
-    e2e_gpu.HIDDEN, e2e_gpu.EXPERTS = args.hidden, args.experts
+    e2e_gpu.HIDDEN, e2e_gpu.EXPERTS, e2e_gpu.SAMPLES = args.hidden, args.experts, args.samples
     model = e2e_gpu.build_model(args.layers, vocab=4096)
     tokens = e2e_gpu.calib_tokens(4096)
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -71,16 +74,17 @@ def main() -> None:
                 runs.append({"total": time.perf_counter() - start, **result.report.stage_seconds})
         rows[name] = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
         rows[name]["backend"] = result.state.backend
+        rows[name]["gptq_fallbacks"] = sum(len(v) for v in result.report.gptq_fallback().values())
         print(name, json.dumps(rows[name]), flush=True)
     with open(os.path.join(args.out, f"option_cost_{args.device}.json"), "w") as fh:
         json.dump({"card": card, "layers": args.layers, "rows": rows}, fh, indent=1)
     print(f"\n## Option cost on {card} ({args.layers} layers of hidden {args.hidden}, {args.experts} experts; "
-          f"median of {args.repeats}; seconds)\n")
-    print("| option | weight search | calibration forward (observe) | whole quantize | backend |")
-    print("|---|---|---|---|---|")
+          f"{args.samples} x {e2e_gpu.SEQ_LEN} calibration tokens; median of {args.repeats}; seconds)\n")
+    print("| option | weight search | calibration forward (observe) | whole quantize | backend | gptq fallbacks |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r.get('weights', 0):.3f} | {r.get('observe', 0):.3f} | {r['total']:.3f} | "
-              f"{r['backend']} |")
+              f"{r['backend']} | {r['gptq_fallbacks'] if name == 'gptq' else '-'} |")
 
 
 if __name__ == "__main__":

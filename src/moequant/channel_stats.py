@@ -57,9 +57,9 @@ class _Sums:
             self.sq += sq
         self.count += torch.as_tensor(count).cpu()
 
-    def add_experts(self, grams: list[tuple[int, torch.Tensor]], count) -> None:
-        """``add`` of an ``[E, K, K]`` sum that is zero except for ``grams`` ((expert, [K, K]) pairs), without
-        building it: each expert's block is added in place (adding 0.0 leaves a float64 sum unchanged, so the
+    def add_experts(self, grams, count) -> None:
+        """``add`` of an ``[E, K, K]`` sum that is zero except for ``grams`` ((expert, [K, K]) pairs, iterated
+        once), without building it: each expert's block is added in place (adding 0.0 leaves a float64 sum unchanged, so the
         bits are those of ``add``); under torch.distributed the whole call's sum is still kept (``parts``)."""
         if self.parts is not None:
             full = torch.zeros_like(self.sq)
@@ -143,6 +143,9 @@ def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, inde
     x64 = x.to(torch.float64)
     cs.hidden.setdefault(c.path, cs.zeros(hidden)).add(x64.square().sum(0), x.shape[0])
     counts = torch.bincount(expert, minlength=e_count)
+    if x.device.type != "cpu":
+        _observe_experts_chunked(cs, c, x, x64, _routed_tokens(token, expert, counts), counts, want_down)
+        return
     sq = torch.zeros(e_count, hidden, dtype=torch.float64, device=x.device).index_add_(0, expert, x64[token].square())
     cs.gate_up.setdefault(c.path, cs.zeros(e_count, hidden)).add(sq, counts)
     routed = _routed_tokens(token, expert, counts) if cs.hessians or want_down else []
@@ -158,6 +161,76 @@ def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, inde
         if grams is not None:
             i = c.intermediate
             cs.down_h.setdefault(c.path, cs.gram_zeros(e_count, i, i, device=x.device)).add_experts(grams, counts)
+
+
+def _observe_experts_chunked(cs: ChannelStats, c: ExpertsContainer, x, x64, routed, counts, want_down: bool) -> None:
+    """``observe_experts`` on an accelerator, where one launch per expert (8-10 per expert and batch) bounded the
+    time: the routed experts in chunks of up to 16, each chunk's tokens padded to its largest count with rows
+    of zeros (exact in every sum), batched matmuls for the gated inputs and for X^T X. Every sum is a plain
+    reduction or matmul over a chunk whose composition depends only on the token counts, so the bits are
+    deterministic (the CPU path's ``index_add_`` would use atomics here) and the same in every process."""
+    e_count, hidden, inter = c.num_experts, x.shape[-1], c.intermediate
+    chunks = _padded_chunks(routed, max(hidden, 2 * inter), x.device)
+    sq = torch.zeros(e_count, hidden, dtype=torch.float64, device=x.device)
+    routed_rows = lambda ids, idx, mask: torch.where(mask[..., None], x64[idx], 0.0)   # noqa: E731  [C, n, H]
+    grams = _chunk_sums(chunks, routed_rows, sq, cs.hessians)
+    if cs.hessians:
+        cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x.device)).add_experts(grams, counts)
+    else:
+        for _ in grams:
+            pass
+    cs.gate_up.setdefault(c.path, cs.zeros(e_count, hidden)).add(sq, counts)
+    if not want_down:
+        return
+    w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
+    bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
+
+    def gated(ids, idx, mask):                                                     # [C, n, I] float64
+        h = torch.bmm(x[idx], w[ids].transpose(-1, -2))
+        h = h + bias[ids].unsqueeze(1) if bias is not None else h
+        return torch.where(mask[..., None], c.module._apply_gate(h).to(torch.float64), 0.0)
+
+    sq = torch.zeros(e_count, inter, dtype=torch.float64, device=x.device)
+    grams = _chunk_sums(chunks, gated, sq, cs.hessians)
+    if cs.hessians:
+        cs.down_h.setdefault(c.path, cs.gram_zeros(e_count, inter, inter, device=x.device)).add_experts(grams, counts)
+    else:
+        for _ in grams:
+            pass
+    cs.down.setdefault(c.path, cs.zeros(e_count, inter)).add(sq, counts)
+
+
+def _padded_chunks(routed: list[tuple[int, torch.Tensor]], width: int, device) -> list[tuple]:
+    """(expert ids [C], token index [C, n], valid [C, n]) per chunk: experts by descending count, at most
+    ``GATED_CHUNK_EXPERTS`` and ``GATED_CHUNK_ELEMENTS / width`` rows x experts per chunk."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from moequant.expert_amax import GATED_CHUNK_ELEMENTS, GATED_CHUNK_EXPERTS
+
+    hit = sorted(routed, key=lambda pair: -pair[1].shape[0])
+    chunks, i = [], 0
+    while i < len(hit):
+        n = hit[i][1].shape[0]
+        size = max(1, min(GATED_CHUNK_EXPERTS, GATED_CHUNK_ELEMENTS // max(n * width, 1)))
+        part = hit[i:i + size]
+        i += len(part)
+        ids = torch.tensor([e for e, _ in part], device=device)
+        idx = pad_sequence([rows for _, rows in part], batch_first=True)               # [C, n], padded with 0
+        sizes = torch.tensor([rows.shape[0] for _, rows in part], device=device)
+        chunks.append((ids, idx, torch.arange(n, device=device)[None] < sizes[:, None]))
+    return chunks
+
+
+def _chunk_sums(chunks, values, sq: torch.Tensor, gram: bool):
+    """For each chunk, ``values(ids, idx, valid)`` ``[C, n, K]`` (zero rows where not valid): its sums of
+    squares into ``sq[ids]`` and, with ``gram``, yields each expert's ``[K, K]`` X^T X (a generator, consumed
+    chunk by chunk: one chunk's grams live at a time)."""
+    for ids, idx, valid in chunks:
+        v = values(ids, idx, valid)
+        sq[ids] = v.square().sum(1)
+        if gram:
+            g = v.transpose(1, 2) @ v
+            yield from zip(ids.tolist(), g.unbind(0))
 
 
 def _routed_tokens(token: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
