@@ -72,10 +72,11 @@ def rounded_to_nearest(model, state: QuantState) -> dict:
     for t in state.plan.targets:
         s = state.tensors[t.key]
         w = quantize_module.canonical_weight(model, t).detach()
-        sq = kernels.weight_squared_error(w, s.global_scale, s.block_scale)
+        gs, bs = s.global_scale.to(w.device), s.block_scale.to(w.device)   # a result's scales are on the host
+        sq = kernels.weight_squared_error(w, gs, bs)
         sq = sq.reshape(sq.shape[0], -1).sum(-1) if t.kind == "experts" else sq.sum()
-        out[t.key] = replace(s, method="weighted_mse", codes=kernels.pack_nvfp4(w, s.global_scale, s.block_scale),
-                             sq_error=sq, gptq_status=None)
+        out[t.key] = replace(s, method="weighted_mse", codes=kernels.pack_nvfp4(w, gs, bs).cpu(),
+                             sq_error=sq.cpu(), gptq_status=None)
     return out
 
 
