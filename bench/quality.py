@@ -136,7 +136,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (64 for the table)")
     parser.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens (>= 32)")
     parser.add_argument("--device", default="cpu", help="cpu (torch backend) or cuda (Triton where it exists)")
+    parser.add_argument("--inputs", choices=("original", "quantized"), default="original",
+                        help="each layer calibrated on the original model's layer inputs (moequant's choice) or on "
+                             "those of the already-quantized earlier layers, W4A4 (bench/quantized_inputs.py)")
+    parser.add_argument("--nll-out", type=Path, default=None,
+                        help="save every option's per-window NLL (and the original's) here, for paired comparisons "
+                             "across runs (bench/quality.py --compare A B)")
+    parser.add_argument("--compare", type=Path, nargs=2, default=None, metavar=("A", "B"),
+                        help="paired bootstrap of two --nll-out files' options (same windows); no run")
     args = parser.parse_args()
+    if args.compare:
+        _compare(*args.compare)
+        return
     backend = "torch" if args.device == "cpu" else "auto"
     CALIB["samples"] = args.samples
     model_dir = builtin_model_dir(dense=args.model == "dense")
@@ -144,7 +155,14 @@ def main() -> None:
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"# {args.model} {model_dir.name}; {where}, torch {torch.__version__}", flush=True)
     model = load_model(model_dir).to(args.device)
-    shared, gptq_seconds = _shared_run(model, model_dir, args.device, backend)
+    if args.inputs == "quantized":
+        from quantized_inputs import quantized_inputs
+
+        with quantized_inputs(activations=True):
+            shared, gptq_seconds = _shared_run(model, model_dir, args.device, backend)
+    else:
+        shared, gptq_seconds = _shared_run(model, model_dir, args.device, backend)
+    print(f"# layer inputs: {args.inputs}", flush=True)
     rows, nll_q, nll_o = [], {}, None
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.options.split(","):
@@ -162,6 +180,26 @@ def main() -> None:
             rows.append((name, weight_error(state), ev.kl_mean, seconds, ev.seconds))
             print(f"# {name}: ppl {ev.ppl_quantized:.3f}, KL {ev.kl_mean:.4f}, eval {ev.seconds:.0f} s", flush=True)
     _print_table(args.model, rows, bootstrap(nll_o, nll_q), args.windows)
+    if args.nll_out is not None:
+        torch.save({"original": nll_o, "inputs": args.inputs, **nll_q}, args.nll_out)
+
+
+def _compare(a: Path, b: Path) -> None:
+    """For each option in both files: perplexity gap in A and in B, and B's gap minus A's (paired windows)."""
+    runs = [torch.load(p) for p in (a, b)]
+    if not torch.equal(runs[0]["original"], runs[1]["original"]):
+        raise SystemExit("the two runs were not evaluated on the same windows (original NLLs differ)")
+    nll_o = runs[0]["original"]
+    idx = torch.randint(0, nll_o.numel(), (RESAMPLES, nll_o.numel()), generator=torch.Generator().manual_seed(0))
+    ppl_o, ppl_o_r = math.exp(float(nll_o.mean())), nll_o[idx].mean(1).exp()
+    print(f"| option | gap, inputs {runs[0]['inputs']} | gap, inputs {runs[1]['inputs']} | change [95% CI] | "
+          "relative change [CI] |")
+    print("|---|---|---|---|---|")
+    for name in [k for k in runs[0] if k not in ("original", "inputs") and k in runs[1]]:
+        (ga, ga_r), (gb, gb_r) = ((math.exp(float(r[name].mean())) - ppl_o, r[name][idx].mean(1).exp() - ppl_o_r)
+                                  for r in runs)
+        print(f"| {name} | {ga:.2f} | {gb:.2f} | {_fmt(_ci(gb - ga, gb_r - ga_r))} | "
+              f"{_fmt(_ci(gb / ga - 1, gb_r / ga_r - 1), 3)} |")
 
 
 def _shared_run(model, model_dir, device: str, backend: str):

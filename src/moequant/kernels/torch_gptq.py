@@ -1,8 +1,9 @@
 """Batched twin of ``formats.gptq``: every expert of a projection at once, with torch ops on any device.
 
 ``gptq_codes(w [*B, N, K], global_scale, block_scale, h [*B, K, K], use [*B])`` runs the reference's steps for
-all batch indices together: one batched factorization per step (``torch.linalg.cholesky_ex`` on
-``[E, K, K]``), one launch per op per column for all experts, and batched matmuls per column block
+all batch indices together: one batched factorization (``formats.gptq.inverse_factor`` on ``[E, K, K]``), one
+launch per op per column for all experts (``backend="triton"``: one launch per 16-column NVFP4 block,
+``kernels.triton_gptq``, the same values bit for bit), and batched matmuls per column block
 (``[E, N, 16] @ [E, 16, rest of the block]`` per NVFP4 block, ``[E, N, 128] @ [E, 128, K - end]`` per block of
 ``COLUMN_BLOCK = 128``), where the reference updates all the remaining columns after each 16-column block: the
 same arithmetic, summed in another order, so the float64 working
