@@ -171,15 +171,8 @@ def _observe_experts_chunked(cs: ChannelStats, c: ExpertsContainer, x, x64, rout
     deterministic (the CPU path's ``index_add_`` would use atomics here) and the same in every process."""
     e_count, hidden, inter = c.num_experts, x.shape[-1], c.intermediate
     chunks = _padded_chunks(routed, max(hidden, 2 * inter), x.device)
-    sq = torch.zeros(e_count, hidden, dtype=torch.float64, device=x.device)
     routed_rows = lambda ids, idx, mask: torch.where(mask[..., None], x64[idx], 0.0)   # noqa: E731  [C, n, H]
-    grams = _chunk_sums(chunks, routed_rows, sq, cs.hessians)
-    if cs.hessians:
-        cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x.device)).add_experts(grams, counts)
-    else:
-        for _ in grams:
-            pass
-    cs.gate_up.setdefault(c.path, cs.zeros(e_count, hidden)).add(sq, counts)
+    _add_chunked(cs, cs.gate_up, cs.gate_up_h, c.path, chunks, routed_rows, e_count, hidden, counts, x.device)
     if not want_down:
         return
     w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
@@ -190,14 +183,21 @@ def _observe_experts_chunked(cs: ChannelStats, c: ExpertsContainer, x, x64, rout
         h = h + bias[ids].unsqueeze(1) if bias is not None else h
         return torch.where(mask[..., None], c.module._apply_gate(h).to(torch.float64), 0.0)
 
-    sq = torch.zeros(e_count, inter, dtype=torch.float64, device=x.device)
-    grams = _chunk_sums(chunks, gated, sq, cs.hessians)
+    _add_chunked(cs, cs.down, cs.down_h, c.path, chunks, gated, e_count, inter, counts, x.device)
+
+
+def _add_chunked(cs: ChannelStats, sums: dict, grams_of: dict, path: str, chunks, values, e_count: int, k: int,
+                 counts, device) -> None:
+    """One call's sums of squares ``[E, k]`` into ``sums[path]`` and, when ``cs.hessians``, its X^T X into
+    ``grams_of[path]`` (consumed chunk by chunk), from ``values`` over ``chunks`` (``_chunk_sums``)."""
+    sq = torch.zeros(e_count, k, dtype=torch.float64, device=device)
+    grams = _chunk_sums(chunks, values, sq, cs.hessians)
     if cs.hessians:
-        cs.down_h.setdefault(c.path, cs.gram_zeros(e_count, inter, inter, device=x.device)).add_experts(grams, counts)
+        grams_of.setdefault(path, cs.gram_zeros(e_count, k, k, device=device)).add_experts(grams, counts)
     else:
-        for _ in grams:
+        for _ in grams:   # the sums of squares are filled as the chunks are consumed
             pass
-    cs.down.setdefault(c.path, cs.zeros(e_count, inter)).add(sq, counts)
+    sums.setdefault(path, cs.zeros(e_count, k)).add(sq, counts)
 
 
 def _padded_chunks(routed: list[tuple[int, torch.Tensor]], width: int, device) -> list[tuple]:
