@@ -139,3 +139,27 @@ def test_export_and_verify_round_trip(model, runs, tmp_path, fmt):
     out = export(model, result.state, tmp_path / "ckpt", format=fmt, recipe=result.recipe)
     checked = verify(out)
     assert checked.ok, checked
+
+
+def test_x_t_x_memory_is_checked_before_the_forward(model, monkeypatch):
+    """The X^T X sums of a layer (float64, 8 E K^2 per experts projection) are known from the shapes: a device
+    with less free memory is refused before any forward, naming the layer, the largest sum and the way out."""
+    from moequant.layers import job as job_module
+
+    free = []
+    monkeypatch.setattr(job_module, "_free_bytes", lambda device: free.append(device) or 1 << 10)
+    ids = calib_ids(SAMPLES)
+    forwards = []   # calibration forwards reach layer 0 with batches of 2 calibration sequences (discovery's
+    hook = model.model.layers[0].register_forward_pre_hook(   # probe is one short sequence)
+        lambda _m, args: forwards.append(tuple(args[0].shape[:2])) if args[0].shape[:2] == (2, ids.shape[1]) else None)
+    try:
+        with pytest.raises(job_module.CalibrationError, match=r"X\^T X sums of model\.layers\.\d+ need .* GiB free: "
+                                                              r"use nvfp4-best"):
+            quantize(model, _recipe("nvfp4-gptq"), ids, batch_size=2)
+        with pytest.raises(job_module.CalibrationError, match="all decoder layers"):
+            quantize(model, _recipe("nvfp4-gptq"), ids, batch_size=2, sequential=False)
+    finally:
+        hook.remove()
+    assert not forwards and free == [torch.device("cpu")] * 2
+    quantize(model, _recipe("nvfp4-best"), ids, batch_size=2)   # no X^T X: not checked
+    assert len(free) == 2

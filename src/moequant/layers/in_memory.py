@@ -26,8 +26,8 @@ from moequant.calibrate import ActivationStats, observing
 from moequant.channel_stats import ChannelStats
 from moequant.layers.inputs import capture_layer_inputs, check_uniform_layer_arguments, flat_tensors, \
     input_device
-from moequant.layers.job import Job, QuantResult, calibration_batches, memory_report, progress_bar, start_job, \
-    timed
+from moequant.layers.job import Job, QuantResult, calibration_batches, check_hessian_memory, memory_report, \
+    progress_bar, start_job, timed
 from moequant.layers.loop import account, assemble_state, run_layers
 from moequant.layers.sinks import Collect
 from moequant.layers.sources import ModelLayers
@@ -65,6 +65,7 @@ def quantize(model: nn.Module, recipe: str | Path | Recipe = "nvfp4", calib=None
     with torch.no_grad(), _eval_mode(model):
         job, report = start_job(model, recipe, device, backend, sequential)
         batches = calibration_batches(job, report, calib, tokenizer, batch_size)
+        check_hessian_memory(job, len(batches), sequential=sequential)
         if job.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(job.device)
         if sequential:

@@ -138,6 +138,55 @@ def calibration_batches(job: Job, report: Report, calib, tokenizer, batch_size: 
     return list(data.tokens.split(batch_size))
 
 
+def check_hessian_memory(job: Job, batches: int, distributed: bool = False, sequential: bool = True) -> None:
+    """Before the first forward: "gptq" keeps every X^T X sum of a decoder layer (float64, ``8 K^2`` bytes per
+    linear, ``8 E K^2`` per experts projection: 105 GiB for a DeepSeek-V3 gate_up, 256 x 7168^2) until that
+    layer's weights are done; under torchrun on the host, one copy per calibration batch of this process until
+    the ranks fold them, plus the fold's (``channel_stats``); all layers at once with ``sequential=False``.
+    Raises a one-line ``CalibrationError`` when that exceeds the memory free where the sums live, instead of
+    failing (or being killed) hours into the run."""
+    if not job.recipe.needs_hessians or not batches:
+        return
+    per_layer: dict = {}
+    for t in job.plan.targets:
+        if t.layer is not None:
+            k = t.shape[-1]
+            per_layer.setdefault(t.layer, []).append((8 * (t.shape[0] if t.kind == "experts" else 1) * k * k, t.key))
+    if not per_layer:
+        return
+    copies = batches + 1 if distributed else 1
+    where = torch.device("cpu") if distributed else job.device
+    if sequential:
+        layer = max(per_layer, key=lambda i: sum(b for b, _ in per_layer[i]))
+        parts, label = per_layer[layer], job.layer_path(layer)
+    else:
+        parts, label = [p for ps in per_layer.values() for p in ps], "all decoder layers (sequential=False)"
+    need = copies * sum(b for b, _ in parts)
+    free = _free_bytes(where)
+    if free is not None and need > free:
+        biggest = max(parts)
+        copied = f", x {copies} batch copies under torchrun" if distributed else ""
+        raise CalibrationError(
+            f"weights.method gptq: the X^T X sums of {label} need {need / 2**30:.1f} GiB (float64; the largest, "
+            f"{biggest[1]}, {biggest[0] / 2**30:.1f} GiB{copied}) but {where} has {free / 2**30:.1f} GiB free: "
+            "use nvfp4-best (the same scales, round-to-nearest codes) or a device with more memory")
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free on ``device`` now (CUDA: the driver's free memory; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
 def memory_report(job: Job, activation_bytes: int) -> MemoryReport:
     model_bytes = tensor_bytes(list(job.model.parameters()) + list(job.model.buffers()))
     largest = max(tensor_bytes(list(layer.parameters()) + list(layer.buffers())) for layer in job.layers)

@@ -36,7 +36,8 @@ from moequant.export.common import unquantized_tensors
 from moequant.export.writer import DEFAULT_MAX_SHARD_BYTES, ExportError, _check_target, link_checkpoint
 from moequant.journal import Journal, fingerprint, partial_dir
 from moequant.layers.inputs import capture_layer_inputs, check_uniform_layer_arguments, flat_tensors
-from moequant.layers.job import QuantResult, calibration_batches, memory_report, start_job, timed
+from moequant.layers.job import QuantResult, calibration_batches, check_hessian_memory, memory_report, start_job, \
+    timed
 from moequant.layers.loop import assemble_state, run_layers
 from moequant.layers.meta_model import load_into, meta_model, zero_layers_on_the_fly
 from moequant.layers.ranks import Ranks
@@ -111,6 +112,7 @@ def _stream(journal, model_dir, shards, recipe, fmt, calib, tokenizer, device, b
     if ranks is not None:
         done = ranks.broadcast(done)
         batches = ranks.my_batches(batches)
+    check_hessian_memory(job, len(batches), distributed=ranks is not None)
     inputs = []
     if batches:
         with timed(report.stage_seconds, "capture"):
