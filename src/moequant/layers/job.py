@@ -138,11 +138,12 @@ def calibration_batches(job: Job, report: Report, calib, tokenizer, batch_size: 
     return list(data.tokens.split(batch_size))
 
 
-def check_hessian_memory(job: Job, batches: int, distributed: bool = False, sequential: bool = True) -> None:
+def check_hessian_memory(job: Job, batches: int, copies: int | None = None, sequential: bool = True) -> None:
     """Before the first forward: "gptq" keeps every X^T X sum of a decoder layer (float64, ``8 K^2`` bytes per
     linear, ``8 E K^2`` per experts projection: 105 GiB for a DeepSeek-V3 gate_up, 256 x 7168^2) until that
-    layer's weights are done; under torchrun on the host, one copy per calibration batch of this process until
-    the ranks fold them, plus the fold's (``channel_stats``); all layers at once with ``sequential=False``.
+    layer's weights are done; all layers at once with ``sequential=False``. Under torchrun (``copies`` given)
+    the sums live on the host, ``copies`` times: each rank keeps one per calibration batch of its own, receives
+    every batch's from the ranks (``ranks._fold_channel_sums``) and folds them into one more.
     Raises a one-line ``CalibrationError`` when that exceeds the memory free where the sums live, instead of
     failing (or being killed) hours into the run."""
     if not job.recipe.needs_hessians or not batches:
@@ -154,7 +155,8 @@ def check_hessian_memory(job: Job, batches: int, distributed: bool = False, sequ
             per_layer.setdefault(t.layer, []).append((8 * (t.shape[0] if t.kind == "experts" else 1) * k * k, t.key))
     if not per_layer:
         return
-    copies = batches + 1 if distributed else 1
+    distributed = copies is not None
+    copies = copies if distributed else 1
     where = torch.device("cpu") if distributed else job.device
     if sequential:
         layer = max(per_layer, key=lambda i: sum(b for b, _ in per_layer[i]))
@@ -165,7 +167,8 @@ def check_hessian_memory(job: Job, batches: int, distributed: bool = False, sequ
     free = _free_bytes(where)
     if free is not None and need > free:
         biggest = max(parts)
-        copied = f", x {copies} batch copies under torchrun" if distributed else ""
+        copied = f"; x {copies} copies on this host under torchrun, every rank gathering every batch's sums" \
+            if distributed else ""
         raise CalibrationError(
             f"weights.method gptq: the X^T X sums of {label} need {need / 2**30:.1f} GiB (float64; the largest, "
             f"{biggest[1]}, {biggest[0] / 2**30:.1f} GiB{copied}) but {where} has {free / 2**30:.1f} GiB free: "

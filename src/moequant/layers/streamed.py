@@ -111,8 +111,11 @@ def _stream(journal, model_dir, shards, recipe, fmt, calib, tokenizer, device, b
     done = frozenset(journal.parts) if journal is not None else frozenset()
     if ranks is not None:
         done = ranks.broadcast(done)
-        batches = ranks.my_batches(batches)
-    check_hessian_memory(job, len(batches), distributed=ranks is not None)
+        all_batches, batches = len(batches), ranks.my_batches(batches)
+        # every rank of a (single-host) torchrun keeps its batches' sums, gathers all batches' and folds them
+        check_hessian_memory(job, len(batches), copies=ranks.world * (len(batches) + all_batches + 1))
+    else:
+        check_hessian_memory(job, len(batches))
     inputs = []
     if batches:
         with timed(report.stage_seconds, "capture"):
