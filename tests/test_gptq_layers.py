@@ -165,4 +165,4 @@ def test_x_t_x_memory_is_checked_before_the_forward(model, monkeypatch):
     assert len(free) == 2
     job, _ = job_module.start_job(model, _recipe("nvfp4-gptq"), None, "torch", True)
     with pytest.raises(job_module.CalibrationError, match="x 18 copies on this host under torchrun"):
-        job_module.check_hessian_memory(job, 4, copies=18)    # torchrun: 2 ranks x (4 own + 4 gathered + 1 fold)
+        job_module.check_hessian_memory(job, 4, copies=18)    # torchrun: the caller counts the copies
