@@ -142,8 +142,8 @@ def check_hessian_memory(job: Job, batches: int, copies: int | None = None, sequ
     """Before the first forward: "gptq" keeps every X^T X sum of a decoder layer (float64, ``8 K^2`` bytes per
     linear, ``8 E K^2`` per experts projection: 105 GiB for a DeepSeek-V3 gate_up, 256 x 7168^2) until that
     layer's weights are done; all layers at once with ``sequential=False``. Under torchrun (``copies`` given)
-    the sums live on the host, ``copies`` times: each rank keeps one per calibration batch of its own, receives
-    every batch's from the ranks (``ranks._fold_channel_sums``) and folds them into one more.
+    the sums live on the host, ``copies`` times: each rank keeps one per calibration batch of its own, plus the
+    running total and one received sum of the ranks' fold (``ranks._fold_channel_sums``).
     Raises a one-line ``CalibrationError`` when that exceeds the memory free where the sums live, instead of
     failing (or being killed) hours into the run."""
     if not job.recipe.needs_hessians or not batches:
@@ -167,7 +167,7 @@ def check_hessian_memory(job: Job, batches: int, copies: int | None = None, sequ
     free = _free_bytes(where)
     if free is not None and need > free:
         biggest = max(parts)
-        copied = f"; x {copies} copies on this host under torchrun, every rank gathering every batch's sums" \
+        copied = f"; x {copies} copies on this host under torchrun: each rank's batches and its fold" \
             if distributed else ""
         raise CalibrationError(
             f"weights.method gptq: the X^T X sums of {label} need {need / 2**30:.1f} GiB (float64; the largest, "

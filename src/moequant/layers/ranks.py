@@ -14,8 +14,9 @@ Every rank streams every decoder layer. Per layer:
 A max and an integer sum are exact whatever the order, so the scales equal one process's, bit for bit. Rank 0
 alone journals, exports and writes. ``weighted_mse``'s channel statistics are float64 sums, whose value depends
 on the order of the additions: each rank keeps every forward call's sum apart, the ranks exchange them
-(``all_gather_object``) and every rank adds them in one process's batch order, so the sums are bit-identical
-too (memory: the layer's per-batch sums, [E, H] + [E, I] float64 per experts container and batch).
+(``all_gather_object``; gptq's X^T X sums by one broadcast per call, ``_fold_channel_sums``) and every rank adds
+them in one process's batch order, so the sums are bit-identical too (memory: the layer's per-batch sums of this
+rank, [E, H] + [E, I] float64 per experts container and batch, and with gptq [E, H, H] + [E, I, I]).
 """
 
 from __future__ import annotations
@@ -138,21 +139,38 @@ class Ranks:
 
     def _fold_channel_sums(self, channels, prefix: str) -> None:
         """Every rank's per-call channel sums, added in one process's order (batch b ran on rank b % world as
-        that rank's call b // world; each batch makes the same number of calls to a module)."""
+        that rank's call b // world; each batch makes the same number of calls to a module). The [K] / [E, K]
+        sums travel in one all_gather; gptq's X^T X sums ([K, K] / [E, K, K]) are broadcast one call at a time
+        by the rank that made it, in batch order, and every rank adds each as it arrives: a rank holds its own
+        calls' sums, the running total and one received sum, never every batch's."""
         entries = channels.under(prefix)
+        big = [kind.endswith("_h") for kind, _, _ in entries]
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, [(kind, key, sums.parts, sums.count) for kind, key, sums in entries])
+        dist.all_gather_object(gathered, [(kind, key, len(sums.parts) if b else sums.parts, sums.count)
+                                          for (kind, key, sums), b in zip(entries, big)])
         for i, (kind, key, sums) in enumerate(entries):
-            per_rank = [g[i][2] for g in gathered]
             if any(g[i][:2] != (kind, key) for g in gathered):
                 raise CalibrationError(f"{key}: the ranks observed different modules; cannot combine their statistics")
-            calls, rem = divmod(sum(len(p) for p in per_rank), self.batches)
-            if rem or any(len(p) != calls * len(range(r, self.batches, self.world)) for r, p in enumerate(per_rank)):
-                raise CalibrationError(f"{key}: {[len(p) for p in per_rank]} observed calls on the ranks for "
+            lengths = [g[i][2] if big[i] else len(g[i][2]) for g in gathered]
+            calls, rem = divmod(sum(lengths), self.batches)
+            if rem or any(n != calls * len(range(r, self.batches, self.world)) for r, n in enumerate(lengths)):
+                raise CalibrationError(f"{key}: {lengths} observed calls on the ranks for "
                                        f"{self.batches} batches; cannot restore one process's order")
-            ordered = [p for b in range(self.batches)
-                       for p in per_rank[b % self.world][(b // self.world) * calls:(b // self.world + 1) * calls]]
-            sums.fold(ordered, sum((g[i][3] for g in gathered), torch.zeros_like(sums.count)))
+            count = sum((g[i][3] for g in gathered), torch.zeros_like(sums.count))
+            order = [(b % self.world, (b // self.world) * calls + c) for b in range(self.batches) for c in range(calls)]
+            if not big[i]:
+                sums.fold([gathered[r][i][2][j] for r, j in order], count)
+                continue
+            total = torch.zeros_like(sums.sq)
+            for r, j in order:
+                part = sums.parts[j] if r == self.rank else None
+                t = part.to(self.device) if part is not None else \
+                    torch.empty(sums.sq.shape, dtype=torch.float64, device=self.device)
+                dist.broadcast(t, src=r)
+                total += t.to(total.device)   # the additions of _Sums.fold, in the same order
+                if part is not None:
+                    sums.parts[j] = None
+            sums.sq, sums.count, sums.parts = total, count, None
 
     def reduce_expert_amax(self, expert_amax: dict) -> dict:
         """MAX of the per-expert input amax after the coverage pass (which ran on each rank's own tokens)."""

@@ -111,9 +111,9 @@ def _stream(journal, model_dir, shards, recipe, fmt, calib, tokenizer, device, b
     done = frozenset(journal.parts) if journal is not None else frozenset()
     if ranks is not None:
         done = ranks.broadcast(done)
-        all_batches, batches = len(batches), ranks.my_batches(batches)
-        # every rank of a (single-host) torchrun keeps its batches' sums, gathers all batches' and folds them
-        check_hessian_memory(job, len(batches), copies=ranks.world * (len(batches) + all_batches + 1))
+        batches = ranks.my_batches(batches)
+        # every rank of a (single-host) torchrun keeps its batches' sums, a running total and one received sum
+        check_hessian_memory(job, len(batches), copies=ranks.world * (len(batches) + 2))
     else:
         check_hessian_memory(job, len(batches))
     inputs = []
