@@ -40,7 +40,8 @@ With a diagonal ``H`` (no correlation known), ``U`` is diagonal, no other column
 exactly round to nearest (``nvfp4.quantize_nvfp4``'s bits); the first column's codes always are.
 Choice of inputs: ``X`` is what the pipeline observes, the ORIGINAL model's layer inputs (each decoder layer
 is run on the unquantized outputs of the previous one, as for every other statistic); GPTQ implementations
-often feed the already-quantized earlier layers instead, which this package does not do (not measured).
+often feed the already-quantized earlier layers instead: measured on the built-in models (bench/quality.py
+--inputs quantized, docs/quality.md), no change of the W4A4 gap beyond noise, so the original inputs stay.
 ``kernels.torch_gptq`` is the batched twin (all experts of a projection at once, other column blocks: the
 float64 arithmetic order differs, so it is compared by codes on well-conditioned problems, else by objective).
 """
