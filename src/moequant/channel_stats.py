@@ -59,8 +59,9 @@ class _Sums:
 
     def add_experts(self, grams, count) -> None:
         """``add`` of an ``[E, K, K]`` sum that is zero except for ``grams`` ((expert, [K, K]) pairs, iterated
-        once), without building it: each expert's block is added in place (adding 0.0 leaves a float64 sum unchanged, so the
-        bits are those of ``add``); under torch.distributed the whole call's sum is still kept (``parts``)."""
+        once), without building it: each expert's block is added in place (adding 0.0 leaves a float64 sum
+        unchanged, so the bits are those of ``add``); under torch.distributed the whole call's sum is still kept
+        (``parts``)."""
         if self.parts is not None:
             full = torch.zeros_like(self.sq)
             for e, g in grams:
@@ -154,7 +155,8 @@ def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, inde
         for e, rows_of in routed:
             rows = x64[rows_of]
             grams.append((e, rows.T @ rows))
-        cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x.device)).add_experts(grams, counts)
+        sums = cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x.device))
+        sums.add_experts(grams, counts)
     if want_down:
         sq, grams = _gated_sums(c, x, routed, cs.hessians)
         cs.down.setdefault(c.path, cs.zeros(e_count, c.intermediate)).add(sq, counts)

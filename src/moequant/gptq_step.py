@@ -4,8 +4,9 @@
 scale, block scales of the weighted search with the channel weights ``E[x_k^2]``, round-to-nearest codes),
 then ``gptq_scales`` replaces the codes of every expert (or linear) whose ``X^T X`` is usable by GPTQ's
 (``formats.gptq``; batched over the experts of a projection by ``kernels.torch_gptq``, torch ops on the weight's
-device; on CUDA each 16-column block's sweep is one Triton launch, ``kernels.triton_gptq``, with the same codes), and the plain squared error by the shipped weights' error. The scales are untouched: the
-checkpoint holds the searched scales, and a group still shares one global scale. Experts marked as fallbacks
+device; on CUDA each 16-column block's sweep is one Triton launch, ``kernels.triton_gptq``, with the same
+codes), and the plain squared error by the shipped weights' error. The scales are untouched: the checkpoint
+holds the searched scales, and a group still shares one global scale. Experts marked as fallbacks
 (too few routed tokens, singular H, a failed factorization) keep the round-to-nearest codes, i.e. exactly what
 "weighted_mse" ships; ``TensorScales.gptq_status`` records which (``formats.gptq.FALLBACK_REASONS``) and the
 report lists them.
