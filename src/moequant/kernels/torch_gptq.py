@@ -20,7 +20,8 @@ workspace; besides, weight-sized arrays: the projection's fp32 element scales an
 bytes) and the chunk's float64 working weights (``8 e N K``). The ``[E, K, K]`` part is thus ``2 * CHUNK_BYTES``
 at most, whatever the number of experts. Each chunk is an independent problem computed with the same ops (an
 elementwise division, per-expert factorizations, batched matmuls whose rows are the chunk's experts), so the
-codes do not depend on the chunking (tested bit for bit); the chunking depends only on the shapes, so a rerun gives the same bytes.
+codes do not depend on the chunking (tested bit for bit); the chunking depends only on the shapes, so a rerun
+gives the same bytes.
 """
 
 from __future__ import annotations
