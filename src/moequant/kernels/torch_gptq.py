@@ -75,11 +75,12 @@ def _gptq_batch(w: torch.Tensor, scale: torch.Tensor, upper: torch.Tensor, backe
     return codes
 
 
-def _chunk_h(h3, count, a: int, b: int, use1, device) -> torch.Tensor:
-    """The chunk's float64 ``H`` (a new array, never the caller's; handed to ``inverse_factor`` as its only
-    reference, so that it is freed as soon as it is factored); unused experts get ``H = I``."""
+def _chunk_h(h3, count, use1, device) -> torch.Tensor:
+    """The chunk's float64 ``H`` from its ``h3`` (divided by ``count`` per expert unless None): a new array,
+    never the caller's, handed to ``inverse_factor`` as its only reference, so that it is freed as soon as it is
+    factored; unused experts get ``H = I``."""
     hh = h3.to(device=device, dtype=torch.float64, copy=count is None)
-    hh = hh / count[a:b, None, None] if count is not None else hh
+    hh = hh / count[:, None, None] if count is not None else hh
     hh.masked_fill_(~use1[:, None, None], 0.0)
     hh.diagonal(dim1=-2, dim2=-1).masked_fill_(~use1[:, None], 1.0)
     return hh
@@ -108,7 +109,8 @@ def gptq_codes(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.T
     per = max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (k * k * 8))
     for a in range(0, w3.shape[0], per):
         b = min(a + per, w3.shape[0])
-        upper, good = inverse_factor(_chunk_h(h3[a:b], count, a, b, use1[a:b], w.device), damp, owned=True)
+        chunk_count = count[a:b] if count is not None else None
+        upper, good = inverse_factor(_chunk_h(h3[a:b], chunk_count, use1[a:b], w.device), damp, owned=True)
         codes[a:b] = _gptq_batch(w3[a:b].to(torch.float32), scale[a:b], upper, backend)
         ok[a:b] = good & use1[a:b]
     return codes.reshape(w.shape), ok.reshape(lead)

@@ -25,13 +25,12 @@ the additive identity: exact in any order.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from moequant.formats.nvfp4 import BLOCK_SIZE
+from moequant.kernels.triton_mse import _interpreting
 
 BLOCK_N = 64     # rows per program
 NUM_WARPS = 2
@@ -77,10 +76,6 @@ def _sweep_kernel(work_ptr, scale_ptr, upper_ptr, code_ptr, err_ptr, n_rows,
         tile = tl.where(cols[None, :] > j, tile - err[:, None] * u[None, :], tile)
         tl.store(code_ptr + e * c_se + rows * c_sn + j, code.to(tl.uint8), mask=live)
         tl.store(err_ptr + e * e_se + rows * e_sn + j, err, mask=live)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def sweep_block(block: torch.Tensor, scale: torch.Tensor, upper: torch.Tensor, codes: torch.Tensor,
