@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +43,13 @@ REPO = Path(__file__).resolve().parent.parent
 WINDOWS, SEQ_LEN, TOPK_BIG = 8, 512, 20
 GEN_PROMPT, GEN_NEW = 64, 128
 FORMATS = (("nvfp4-mse", "modelopt"), ("fp8", "compressed-tensors"))
+# how vLLM runs a checkpoint (engine arguments) and how our fake-quant reproduces it; NVFP4 on Hopper: Marlin W4A16
+# by default, W4A4 through vLLM's emulation kernels when asked (kernels/linear/nvfp4/emulation.py,
+# fused_moe/experts/nvfp4_emulation_moe.py: per-16 dynamic E4M3 activation block scales under the static global)
+MODES = {"w4a16": ({}, False), "w8a8": ({}, True),
+         "w4a4": ({"linear_backend": "emulation", "moe_backend": "emulation"}, True)}
+MODE_LABEL = {"w4a16": "W4A16 (Marlin; input scales unused)", "w8a8": "W8A8 (static per-tensor)",
+              "w4a4": "W4A4 (vLLM emulation backends)"}
 ATTN = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=256,
             max_position_embeddings=2048, tie_word_embeddings=False)
 SIZES = {  # overrides of tests/tiny_models.py: dims that Marlin (k % 128, n % 64), CUTLASS FP8 and MLA accept
@@ -149,6 +157,39 @@ def quantize_all(dirs: dict[str, Path], work: Path, log, device: str = "cuda") -
     return jobs
 
 
+def modelopt_control(model_dir: Path, work: Path, log) -> dict:
+    """The control: ModelOpt 0.47's own NVFP4 checkpoint of ``model_dir`` (its MSE recipe, ``bench/quality_peers.py``'s
+    ``run_modelopt``, on the calibration windows ``quantize_all`` gives moequant: 16 x 256 tokens), through the same
+    vLLM runs and comparison; our fake-quant reads it as it reads any ModelOpt-HF checkpoint."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality_peers as qp
+
+    from moequant.calibration_data import calibration_tokens, load_tokenizer
+    from moequant.recipe import CalibrationSpec
+    from moequant.verify import verify
+
+    out = work / "ckpt" / "builtin-modelopt-0.47-mse"
+    job = {"model": "builtin", "recipe": "ModelOpt 0.47 MSE, control", "format": "modelopt", "model_dir": str(model_dir),
+           "ckpt": str(out)}
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    try:
+        calib = calibration_tokens(None, load_tokenizer(model_dir), samples=16, seq_len=256,
+                                   seed=CalibrationSpec().seed).tokens
+        args = argparse.Namespace(torch_dtype=torch.float32, device="cuda", model="moe", in_memory=False)
+        _, _, notes = qp.run_modelopt("mse", Path(model_dir), calib, args, out)
+        job["notes"] = notes
+        contract = verify(out, engine="vllm")
+        job["contract"] = contract.ok
+        job["contract_summary"] = contract.summary()[-600:]
+    except ROW_ERRORS as err:
+        job["error"] = f"ModelOpt: {type(err).__name__}: {err}"
+    job["quantize_s"] = round(time.perf_counter() - t, 1)
+    log(f"builtin ModelOpt control: {job.get('error', 'exported')} ({job['quantize_s']} s); "
+        f"vLLM contract {'ok' if job.get('contract') else job.get('contract_summary', '?')}")
+    return job
+
+
 def heldout_ids(model_dir: str) -> torch.Tensor:
     from moequant.calibration_data import load_tokenizer
     from moequant.evaluate import eval_windows
@@ -156,14 +197,14 @@ def heldout_ids(model_dir: str) -> torch.Tensor:
     return eval_windows(load_tokenizer(model_dir), None, WINDOWS, SEQ_LEN)[0]
 
 
-def vllm_job(ckpt: str, ids_path: str, result_path: str, topk: int) -> None:
-    """One checkpoint in vLLM (own process): load, greedy generation, prompt log-probs. Writes a .pt."""
+def vllm_job(ckpt: str, ids_path: str, result_path: str, topk: int, mode: str) -> None:
+    """One checkpoint in vLLM (own process) in ``mode``: load, greedy generation, prompt log-probs. Writes a .pt."""
     from vllm import LLM, SamplingParams
 
     ids = torch.load(ids_path)
     t = time.perf_counter()
     llm = LLM(model=ckpt, skip_tokenizer_init=True, enforce_eager=True, gpu_memory_utilization=0.1,
-              kv_cache_memory_bytes=2 << 30, max_model_len=2048, max_logprobs=topk, seed=0)
+              kv_cache_memory_bytes=2 << 30, max_model_len=2048, max_logprobs=topk, seed=0, **MODES[mode][0])
     load_s = time.perf_counter() - t
     prompts = [{"prompt_token_ids": w[:GEN_PROMPT].tolist()} for w in ids]
     greedy = SamplingParams(temperature=0.0, max_tokens=GEN_NEW, ignore_eos=True, detokenize=False)
@@ -197,12 +238,12 @@ def run_vllm(jobs: list[dict], work: Path, parallel: int, log) -> None:
     while pending or running:
         while pending and len(running) < parallel:
             j = pending.pop(0)
-            stem = Path(j["ckpt"]).name
+            stem = stem_of(j)
             j["ids"], j["result"], j["log"] = (str(work / f"{stem}.ids.pt"), str(work / f"{stem}.vllm.pt"),
                                                str(work / f"{stem}.vllm.log"))
             torch.save(heldout_ids(j["model_dir"]), j["ids"])
             j["topk"] = 256 if j["model"] != "builtin" else TOPK_BIG
-            cmd = [sys.executable, __file__, "vllm", j["ckpt"], j["ids"], j["result"], str(j["topk"])]
+            cmd = [sys.executable, __file__, "vllm", j["ckpt"], j["ids"], j["result"], str(j["topk"]), j["mode"]]
             running.append((j, subprocess.Popen(cmd, env=env, stdout=open(j["log"], "w"), stderr=subprocess.STDOUT),
                             time.perf_counter()))
         time.sleep(1)
@@ -216,18 +257,74 @@ def run_vllm(jobs: list[dict], work: Path, parallel: int, log) -> None:
                 tail = Path(j["log"]).read_text(errors="replace").strip().splitlines()[-25:]
                 errs = [ln for ln in tail if "Error" in ln or "error" in ln] or tail[-3:]
                 j["error"] = f"vllm (rc {proc.returncode}): " + " | ".join(errs[-3:])[-900:]
-            log(f"{Path(j['ckpt']).name}: vLLM {'ok' if 'error' not in j else j['error']} ({j['vllm_s']} s)")
+            log(f"{stem_of(j)}: vLLM {'ok' if 'error' not in j else j['error']} ({j['vllm_s']} s)")
+
+
+def stem_of(job: dict) -> str:
+    return f"{Path(job['ckpt']).name}-{job['mode']}"
+
+
+def with_modes(jobs: list[dict], w4a4: bool) -> list[dict]:
+    """One vLLM run per checkpoint and mode: FP8 as W8A8; NVFP4 as W4A16 (Marlin) and, with ``w4a4``, also W4A4
+    through vLLM's emulation backends."""
+    out = []
+    for j in jobs:
+        modes = ["w8a8"] if j["format"] == "compressed-tensors" else ["w4a16"] + (["w4a4"] if w4a4 else [])
+        out += [dict(j, mode=m) for m in modes]
+    return out
+
+
+def max_over_experts(src: Path, dst: Path) -> int:
+    """A copy of ``src`` whose per-expert ``input_scale`` tensors hold their layer's max (w1/w3 and w2 apart): what
+    vLLM 0.26.0 runs when a MoE backend reduces them (FP8: ``process_fp8_input_tensor_strategy_moe``; NVFP4
+    emulation: ``convert_to_nvfp4_moe_kernel_format``). Returns how many groups it reduced (0: nothing to reduce)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    reduced = 0
+    for f in sorted(dst.glob("*.safetensors")):
+        tensors, groups = load_file(f), {}
+        for k in tensors:
+            if ".experts." in k and k.endswith(".input_scale"):
+                head, _, rest = k.partition(".experts.")
+                side = "w2" if rest.split(".")[1] in ("down_proj", "w2") else "w13"
+                groups.setdefault((head, side), []).append(k)
+        reduced += len(groups)
+        for keys in groups.values():
+            top = torch.stack([tensors[k].float().reshape(()) for k in keys]).max()
+            for k in keys:
+                tensors[k] = top.reshape(tensors[k].shape).to(tensors[k].dtype).clone()
+        save_file(tensors, f, metadata={"format": "pt"})
+    return reduced
 
 
 @torch.no_grad()
-def _our_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+def _our_logprobs(model, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    model = model.to(dtype)
     device = next(model.parameters()).device
     return torch.cat([model(w[None].to(device)).logits[0, :-1].float().log_softmax(-1).cpu() for w in ids])
 
 
+def _distance(v: dict, ours: torch.Tensor, target: torch.Tensor) -> dict:
+    """KL(vLLM || ours) per position (exact when vLLM's top k covers the vocabulary, else over the top k plus one
+    bucket for the rest: a lower bound), top-1 agreement, our perplexity."""
+    q_top = ours.gather(-1, v["top_ids"]).double()
+    p_top = v["top_lp"].exp()
+    kl = (p_top * (v["top_lp"] - q_top)).sum(-1)
+    p_rest = (1 - p_top.sum(-1)).clamp_min(0)
+    q_rest = (1 - q_top.exp().sum(-1)).clamp_min(1e-30)
+    kl = kl + torch.where(p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), 0.0)
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1_agree": float((ours.argmax(-1) == v["top1"]).double().mean()),
+            "ppl": math.exp(float(-ours.gather(-1, target[:, None]).mean()))}
+
+
 @torch.no_grad()
-def compare(job: dict, device: str = "cuda") -> None:
-    """Our fake-quant forward of the same checkpoint in vLLM's mode vs vLLM's prompt log-probs."""
+def compare(job: dict, work: Path, device: str = "cuda") -> None:
+    """Our fake-quant forward of the same checkpoint vs vLLM's prompt log-probs, in vLLM's mode, three ways:
+    ``fp32`` (our reference: float32, per-expert input scales as shipped), ``bf16`` (vLLM's dtype) and ``same``:
+    bf16 with the MoE input scales reduced to their max over experts where vLLM reduces them (W8A8 and W4A4
+    MoE; otherwise ``same`` is ``bf16``)."""
     from moequant.fake_quant_model import load_fake_quantized, load_original
 
     ids = torch.load(job["ids"])
@@ -236,40 +333,44 @@ def compare(job: dict, device: str = "cuda") -> None:
     original = load_original(job["model_dir"], device)
     job["ppl_unquantized"] = math.exp(float(-_our_logprobs(original, ids).gather(-1, target[:, None]).mean()))
     del original
-    activations = job["format"] == "compressed-tensors"   # FP8 W8A8 runs as such; NVFP4 on Hopper is W4A16
-    ours = _our_logprobs(load_fake_quantized(job["model_dir"], job["ckpt"], device, activations=activations), ids)
-    job["mode"] = "W8A8 (static per-tensor)" if activations else "W4A16 (Marlin; input scales unused)"
-    q_top = ours.gather(-1, v["top_ids"])
-    p_top = v["top_lp"].exp()
-    kl = (p_top * (v["top_lp"] - q_top.double())).sum(-1)
-    p_rest = (1 - p_top.sum(-1)).clamp_min(0)
-    q_rest = (1 - q_top.double().exp().sum(-1)).clamp_min(1e-30)
-    kl = kl + torch.where(p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), 0.0)
-    job["kl_mean"] = float(kl.mean())
-    job["kl_max"] = float(kl.max())
+    activations = MODES[job["mode"]][1]
+    job["compared_as"] = MODE_LABEL[job["mode"]]
+    ckpt = Path(job["ckpt"])
+    job["vs"] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ours = _our_logprobs(load_fake_quantized(job["model_dir"], ckpt, device, activations=activations), ids, dtype)
+        job["vs"][name] = _distance(v, ours, target)
+    job["vs"]["same"] = job["vs"]["bf16"]
+    maxed = work / f"{stem_of(job)}-max-over-experts"
+    if activations and max_over_experts(ckpt, maxed):
+        ours = _our_logprobs(load_fake_quantized(job["model_dir"], maxed, device, activations=True), ids,
+                             torch.bfloat16)
+        job["vs"]["same"] = _distance(v, ours, target)
+        job["same_note"] = "bf16, input scales max over experts"
+    shutil.rmtree(maxed, ignore_errors=True)
     job["kl_exact"] = v["top_ids"].shape[1] >= ours.shape[1]
-    job["top1_agree"] = float((ours.argmax(-1) == v["top1"]).double().mean())
     job["ppl_vllm"] = math.exp(float(-v["tok_lp"].mean()))
-    job["ppl_ours"] = math.exp(float(-ours.gather(-1, target[:, None]).mean()))
-    job["tok_lp_absdiff_mean"] = float((v["tok_lp"] - ours.gather(-1, target[:, None])[:, 0].double()).abs().mean())
     job["tokens_per_s"], job["load_s"] = v["tokens_per_s"], v["load_s"]
 
 
 def table(jobs: list[dict]) -> str:
-    head = ("| model | format (recipe) | loads | compared as | mean KL (vLLM‖ours) | top-1 agree | ppl vLLM | "
-            "ppl ours | ppl unquantized | tokens/s |")
-    rows = [head, "|" + " --- |" * 10]
+    head = ("| model | format (recipe) | loads | compared as | KL (vLLM‖ours fp32) | top-1 | KL (vLLM‖ours same mode) | "
+            "top-1 | ppl vLLM | ppl ours fp32 | ppl ours same mode | ppl unquantized | tokens/s |")
+    rows = [head, "|" + " --- |" * 13]
     for j in jobs:
-        ok = "error" not in j and "kl_mean" in j
+        ok = "error" not in j and "vs" in j
         loads = "y" if "result" in j and Path(j["result"]).is_file() else "n"
         if ok:
-            kl = f"{j['kl_mean']:.5f}{'' if j['kl_exact'] else ' (top-20 bound)'}"
-            rows.append(f"| {j['model']} | {j['format']} ({j['recipe']}) | {loads} | {j['mode']} | {kl} | "
-                        f"{100 * j['top1_agree']:.2f}% | {j['ppl_vllm']:.3f} | {j['ppl_ours']:.3f} | "
-                        f"{j['ppl_unquantized']:.3f} | {j['tokens_per_s']:.0f} |")
+            bound = "" if j["kl_exact"] else " (top-20 bound)"
+            f32, same = j["vs"]["fp32"], j["vs"]["same"]
+            rows.append(f"| {j['model']} | {j['format']} ({j['recipe']}) | {loads} | {j['compared_as']} | "
+                        f"{f32['kl_mean']:.5f}{bound} | {100 * f32['top1_agree']:.2f}% | "
+                        f"{same['kl_mean']:.5f}{bound} | {100 * same['top1_agree']:.2f}% | {j['ppl_vllm']:.3f} | "
+                        f"{f32['ppl']:.3f} | {same['ppl']:.3f} | {j['ppl_unquantized']:.3f} | "
+                        f"{j['tokens_per_s']:.0f} |")
         else:
-            rows.append(f"| {j['model']} | {j['format']} ({j['recipe']}) | {loads} | {j.get('error', '?')[:300]} "
-                        "| | | | | | |")
+            rows.append(f"| {j['model']} | {j['format']} ({j['recipe']}) | {loads} | {j.get('mode', '?')}: "
+                        f"{j.get('error', '?')[:300]} |" + " |" * 9)
     return "\n".join(rows)
 
 
@@ -285,7 +386,7 @@ def versions() -> dict:
     return out
 
 
-def run_all(work: Path, out_dir: Path, parallel: int, names: list[str]) -> None:
+def run_all(work: Path, out_dir: Path, parallel: int, names: list[str], w4a4: bool, control: bool) -> None:
     work.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -296,27 +397,32 @@ def run_all(work: Path, out_dir: Path, parallel: int, names: list[str]) -> None:
         lines.append(msg)
 
     t0 = time.perf_counter()
-    jobs = quantize_all(models(work, log, names), work, log)
+    dirs = models(work, log, names)
+    jobs = quantize_all(dirs, work, log)
+    if control and "builtin" in dirs:
+        jobs.append(modelopt_control(dirs["builtin"], work, log))
+    jobs = with_modes(jobs, w4a4)
     log(f"built and quantized in {time.perf_counter() - t0:.0f} s")
     run_vllm(jobs, work, parallel, log)
     for j in jobs:
         if "error" in j:
             continue
         try:
-            compare(j)
+            compare(j, work)
         except ROW_ERRORS as err:
             j["error"] = f"compare: {type(err).__name__}: {err}"
             log(traceback.format_exc()[-1500:])
     report = f"{json.dumps(versions())}\n\n{table(jobs)}\n"
     print(report, flush=True)
-    tag = "-".join(names)
+    tag = "-".join(names) + ("-w4a4" if w4a4 else "") + ("-control" if control else "")
     (out_dir / f"engine_check-{tag}.md").write_text(report)
     (out_dir / f"engine_check-{tag}.json").write_text(json.dumps({"versions": versions(), "jobs": jobs}, indent=1))
     logs = []
     for j in jobs:
         if "log" in j and Path(j["log"]).is_file():
             text = Path(j["log"]).read_text(errors="replace").splitlines()
-            logs += [f"===== {Path(j['ckpt']).name}"] + [ln for ln in text if "WARN" in ln or "rror" in ln][-40:]
+            logs += [f"===== {stem_of(j)}"] + [ln for ln in text if "WARN" in ln or "rror" in ln or "backend" in ln
+                                                 or "Using" in ln][-40:]
     (out_dir / f"engine_check_logs-{tag}.txt").write_text("\n".join(lines + logs)[-4_000_000:])
 
 
@@ -328,16 +434,21 @@ def main() -> None:
     a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/ec_out")))
     a.add_argument("--parallel", type=int, default=3)
     a.add_argument("--models", default=",".join([*SIZES, "builtin"]), help="comma-separated: %(default)s")
+    a.add_argument("--w4a4", action="store_true", help="also run every NVFP4 checkpoint as W4A4 through vLLM's "
+                   "emulation backends (linear_backend=moe_backend='emulation')")
+    a.add_argument("--control", action="store_true", help="add ModelOpt 0.47's checkpoint of the built-in model "
+                   "(needs modelopt importable; see bench/quality_peers.py)")
     v = sub.add_parser("vllm")
     v.add_argument("ckpt")
     v.add_argument("ids")
     v.add_argument("result")
     v.add_argument("topk", type=int)
+    v.add_argument("mode", choices=tuple(MODES))
     args = parser.parse_args()
     if args.cmd == "all":
-        run_all(args.work, args.out, args.parallel, args.models.split(","))
+        run_all(args.work, args.out, args.parallel, args.models.split(","), args.w4a4, args.control)
     else:
-        vllm_job(args.ckpt, args.ids, args.result, args.topk)
+        vllm_job(args.ckpt, args.ids, args.result, args.topk, args.mode)
 
 
 if __name__ == "__main__":

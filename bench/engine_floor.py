@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_check as ec  # noqa: E402
@@ -41,27 +39,6 @@ def distance(p: torch.Tensor, q: torch.Tensor) -> dict:
     bound = bound + torch.where(p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), 0.0)
     return {"kl": float(per.mean()), "top1": float((p.argmax(-1) == q.argmax(-1)).double().mean()),
             "kl_max": float(per.max()), "top20_bound": float(bound.mean())}
-
-
-def max_over_experts(src: Path, dst: Path) -> int:
-    """A copy of ``src`` whose per-expert ``input_scale`` tensors hold their layer's max (w1/w3 and w2 apart);
-    returns how many groups of expert input scales it reduced (0: nothing to reduce)."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    reduced = 0
-    for f in sorted(dst.glob("*.safetensors")):
-        tensors, groups = load_file(f), {}
-        for k in tensors:
-            if ".experts." in k and k.endswith(".input_scale"):
-                head, _, rest = k.partition(".experts.")
-                side = "w2" if rest.split(".")[1] in ("down_proj", "w2") else "w13"
-                groups.setdefault((head, side), []).append(k)
-        reduced += len(groups)
-        for keys in groups.values():
-            top = torch.stack([tensors[k].float().reshape(()) for k in keys]).max()
-            for k in keys:
-                tensors[k] = top.reshape(tensors[k].shape).to(tensors[k].dtype).clone()
-        save_file(tensors, f, metadata={"format": "pt"})
-    return reduced
 
 
 def main() -> None:
@@ -88,7 +65,7 @@ def main() -> None:
         row["bf16"] = distance(logprobs(load_fake_quantized(model_dir, ckpt, "cpu", activations=act), ids,
                                         torch.bfloat16), ours)
         maxed = args.work / f"{ckpt.name}-max-over-experts"
-        if act and max_over_experts(ckpt, maxed):
+        if act and ec.max_over_experts(ckpt, maxed):
             for name, dtype in (("max_over_experts", torch.float32), ("max_over_experts_bf16", torch.bfloat16)):
                 row[name] = distance(logprobs(load_fake_quantized(model_dir, maxed, "cpu", activations=True), ids,
                                               dtype), ours)
