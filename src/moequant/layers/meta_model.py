@@ -24,6 +24,7 @@ import ctypes.util
 import json
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -128,38 +129,64 @@ class BufferPool:
             self._free.clear()
 
 
-def _read(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: list,
-          device: torch.device, pool: BufferPool | None = None) -> torch.Tensor:
-    shape = tuple(meta.shape)
-    width = shape[-1] if len(shape) >= 2 else 1
-    value = pool.take(shape, meta.dtype, device) if pool is not None else torch.empty(shape, dtype=meta.dtype,
-                                                                                       device=device)
-    flat = value.view(-1, width)
-    written = torch.zeros(flat.shape[0], dtype=torch.int32)
-    pinned = device.type == "cuda"   # page-locked reads, queued copies: the H2D copy runs at full speed
+READERS = 4   # on-disk tensors read at once: one thread copying from the page cache is slower than the disk path
+
+
+def _readers() -> ThreadPoolExecutor:
+    """The threads that read on-disk tensors (``_read``), made on first use and shared by every read."""
+    global _READER_POOL
+    with _READER_LOCK:
+        if _READER_POOL is None:
+            _READER_POOL = ThreadPoolExecutor(READERS, thread_name_prefix="moequant-read-part")
+        return _READER_POOL
+
+
+_READER_POOL: ThreadPoolExecutor | None = None
+_READER_LOCK = threading.Lock()
+
+
+def _width(meta: torch.Tensor) -> int:
+    return meta.shape[-1] if meta.ndim >= 2 else 1
+
+
+def _allocate(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: list, device: torch.device,
+              pool: BufferPool | None) -> torch.Tensor:
+    """The empty tensor for parameter ``key``, once its on-disk tensors ``parts`` ([(name, rows)]) are checked to
+    fill every row exactly once."""
+    shape, width = tuple(meta.shape), _width(meta)
+    written = torch.zeros(math.prod(shape) // width if width else 0, dtype=torch.int32)
     for name, rows in parts:
         path, info, _ = source.entry(name)
         if math.prod(info["shape"]) != rows.numel() * width:
             raise ShardError(f"{path}: tensor {name} has shape {list(info['shape'])}, but {key} {list(shape)} "
                              f"needs {rows.numel()} rows of {width}; the checkpoint does not match config.json")
-        disk_dtype = DTYPES.get(info.get("dtype"))
-        start = int(rows[0]) if rows.numel() else 0
-        consecutive = bool(rows.numel()) and int(rows[-1]) - start + 1 == rows.numel() \
-            and bool((rows.diff() == 1).all())
-        if consecutive and device.type == "cpu" and disk_dtype == meta.dtype:
-            source.get(name, out=flat[start:start + rows.numel()])   # straight into its rows: no second copy
-        else:
-            block = source.get(name, pinned=pinned).reshape(-1, width).to(device=device, dtype=meta.dtype,
-                                                                          non_blocking=pinned)
-            if consecutive:   # every layout but interleaved: a copy
-                flat[start:start + rows.numel()] = block
-            else:
-                flat[rows.to(device)] = block
         written[rows] += 1
     if not parts or not bool((written == 1).all()):
         raise ShardError(f"{source.dir}: the shards do not hold every row of {key} exactly once "
                          f"(on-disk tensors: {[n for n, _ in parts][:4]}); the checkpoint is incomplete")
-    return value
+    return pool.take(shape, meta.dtype, device) if pool is not None else torch.empty(shape, dtype=meta.dtype,
+                                                                                     device=device)
+
+
+def _read_part(source: SafetensorsSource, name: str, rows: torch.Tensor, flat: torch.Tensor,
+               dtype: torch.dtype) -> None:
+    """On-disk tensor ``name`` into ``rows`` of ``flat``: straight from the file where the rows are consecutive
+    and ``flat`` is in host memory of the same dtype; else read (page-locked for a GPU), then copied."""
+    disk_dtype = DTYPES.get(source.entry(name)[1].get("dtype"))
+    device = flat.device
+    start = int(rows[0]) if rows.numel() else 0
+    consecutive = bool(rows.numel()) and int(rows[-1]) - start + 1 == rows.numel() \
+        and bool((rows.diff() == 1).all())
+    if consecutive and device.type == "cpu" and disk_dtype == dtype:
+        source.get(name, out=flat[start:start + rows.numel()])   # straight into its rows: no second copy
+        return
+    pinned = device.type == "cuda"   # page-locked reads, queued copies: the H2D copy runs at full speed
+    block = source.get(name, pinned=pinned).reshape(-1, flat.shape[1]).to(device=device, dtype=dtype,
+                                                                           non_blocking=pinned)
+    if consecutive:   # every layout but interleaved: a copy
+        flat[start:start + rows.numel()] = block
+    else:
+        flat[rows.to(device)] = block
 
 
 def init_non_persistent_buffers(model: nn.Module, prefix: str = "", exclude_prefix: str | None = None,
@@ -192,9 +219,20 @@ def read_tensors(source: SafetensorsSource, plan: dict[str, tuple], device: torc
                  pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
     """In-memory key -> its tensor read from ``source`` onto ``device`` (``plan``: ``read_plan``), into buffers
     from ``pool`` where it has them. Touches no model, so it may run in a background thread while the previous
-    layer computes (``sources.ShardLayers``)."""
+    layer computes (``sources.ShardLayers``). Every on-disk tensor is read by one of ``READERS`` threads (the
+    rows of different on-disk tensors never overlap once checked, so they write apart)."""
     device = torch.device(device)
-    return {key: _read(source, key, meta, parts, device, pool) for key, (meta, parts) in plan.items()}
+    values, jobs = {}, []
+    for key, (meta, parts) in plan.items():
+        values[key] = _allocate(source, key, meta, parts, device, pool)
+        jobs += [(source, name, rows, values[key].view(-1, _width(meta)), meta.dtype) for name, rows in parts]
+    if len(jobs) == 1:
+        _read_part(*jobs[0])
+    else:
+        readers = _readers()
+        for future in [readers.submit(_read_part, *job) for job in jobs]:
+            future.result()   # the first part's error first; every read has finished when this loop ends
+    return values
 
 
 def install(model: nn.Module, values: dict[str, torch.Tensor], prefix: str, exclude_prefix: str | None = None,
