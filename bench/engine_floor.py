@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--recipes", default="fp8,nvfp4-mse")
     parser.add_argument("--work", type=Path, default=Path("/tmp/engine_floor"))
+    parser.add_argument("--w4a4", action="store_true", help="NVFP4 with activation fake-quant (the mode of vLLM's "
+                        "emulation backends) instead of weights only (Marlin's)")
     args = parser.parse_args()
     names = args.models.split(",")
     ec.FORMATS = tuple((r, RECIPES[r]) for r in args.recipes.split(","))
@@ -58,10 +60,10 @@ def main() -> None:
             print(json.dumps(job))
             continue
         model_dir, ckpt = job["model_dir"], Path(job["ckpt"])
-        act = job["format"] == "compressed-tensors"    # the mode vLLM runs on Hopper, as in engine_check
+        act = job["format"] == "compressed-tensors" or args.w4a4   # the mode vLLM runs, as in engine_check
         ids = ec.heldout_ids(model_dir)[:args.windows]
         ours = logprobs(load_fake_quantized(model_dir, ckpt, "cpu", activations=act), ids, torch.float32)
-        row = {"model": job["model"], "recipe": job["recipe"], "windows": args.windows}
+        row = {"model": job["model"], "recipe": job["recipe"], "windows": args.windows, "activations": act}
         row["bf16"] = distance(logprobs(load_fake_quantized(model_dir, ckpt, "cpu", activations=act), ids,
                                         torch.bfloat16), ours)
         maxed = args.work / f"{ckpt.name}-max-over-experts"

@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import json
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -129,7 +130,15 @@ class BufferPool:
             self._free.clear()
 
 
-READERS = 4   # on-disk tensors read at once: one thread copying from the page cache is slower than the disk path
+READERS_ENV = "MOEQUANT_READ_THREADS"   # how many on-disk tensors are read at once (default 4; a network file
+# system may want more): one thread copying from the page cache could not keep up with a GPU's layer compute
+
+
+def _reader_count() -> int:
+    value = os.environ.get(READERS_ENV, "4")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{READERS_ENV}={value!r}: expected a whole number >= 1 (threads reading the shards)")
+    return int(value)
 
 
 def _readers() -> ThreadPoolExecutor:
@@ -137,7 +146,7 @@ def _readers() -> ThreadPoolExecutor:
     global _READER_POOL
     with _READER_LOCK:
         if _READER_POOL is None:
-            _READER_POOL = ThreadPoolExecutor(READERS, thread_name_prefix="moequant-read-part")
+            _READER_POOL = ThreadPoolExecutor(_reader_count(), thread_name_prefix="moequant-read-part")
         return _READER_POOL
 
 
@@ -219,7 +228,7 @@ def read_tensors(source: SafetensorsSource, plan: dict[str, tuple], device: torc
                  pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
     """In-memory key -> its tensor read from ``source`` onto ``device`` (``plan``: ``read_plan``), into buffers
     from ``pool`` where it has them. Touches no model, so it may run in a background thread while the previous
-    layer computes (``sources.ShardLayers``). Every on-disk tensor is read by one of ``READERS`` threads (the
+    layer computes (``sources.ShardLayers``). Every on-disk tensor is read by one of the reader threads (the
     rows of different on-disk tensors never overlap once checked, so they write apart)."""
     device = torch.device(device)
     values, jobs = {}, []
