@@ -307,7 +307,7 @@ def _time_compile() -> dict:
         return wrapped
 
     triton_mse._compile = timed(triton_mse._compile, "compile_thread_s")
-    triton_mse._wait_for_compile = timed(triton_mse._wait_for_compile, "compile_wait_s")
+    triton_mse._PENDING.wait = timed(triton_mse._PENDING.wait, "compile_wait_s")
     return out
 
 

@@ -42,7 +42,6 @@ O(#blocks).
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 import triton
@@ -51,6 +50,7 @@ import triton.language as tl
 from moequant.formats.mse import METHODS
 from moequant.formats.nvfp4 import BLOCK_SIZE, MIN_GLOBAL_SCALE, check_finite, exponent_normalized, restore_errors
 from moequant.formats.weighted_mse import check_channel_weights
+from moequant.kernels.pending import Pending
 
 BLOCK_B = 32  # NVFP4 blocks per program (one per lane): one warp, so loop counts are per-warp maxima
 NUM_WARPS = 1
@@ -383,49 +383,26 @@ def search_weighted(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor
 # Cold start: compiling a specialization takes 2-4 s (Triton to PTX, then ptxas). ``compile_in_background``
 # starts the compile of quantize's specialization on a side thread while the pipeline discovers the model and
 # runs the calibration forward; the first launch on that device waits for it instead of compiling again.
-_PENDING: dict[torch.device, tuple[threading.Thread, list]] = {}
-_PENDING_LOCK = threading.Lock()
+_PENDING = Pending("compiling the Triton block-scale search")
 
 
 def compile_in_background(device: torch.device, dtype: torch.dtype, method: str) -> None:
     """Compile (and run once, on a tiny tensor) ``search_with_max_errors``'s kernel for ``dtype`` weights."""
-    device = torch.device(device)
-    with _PENDING_LOCK:
-        if device in _PENDING:
-            return
-        failure: list = []
-        thread = threading.Thread(target=_compile, args=(device, dtype, method, failure), daemon=True,
-                                  name="moequant-triton-compile")
-        _PENDING[device] = (thread, failure)
-        thread.start()
+    _PENDING.start(device, lambda d: _compile(d, dtype, method))
 
 
-def _compile(device, dtype, method, failure) -> None:
-    try:
-        with torch.cuda.device(device):
-            # [1, 16, 256]: block counts that are multiples of 16, as real weights' are (Triton specializes
-            # integer arguments on that), so the real launch finds this compile in the cache
-            w = torch.zeros(1, 16, 256, dtype=dtype, device=device)
-            _launch(w, torch.ones(1, device=device), method, False, True, method != "max", 2, wait=False)
-            torch.cuda.synchronize(device)
-    except BaseException as err:  # handed to the thread that waits (_wait_for_compile), raised there
-        failure.append(err)
-
-
-def _wait_for_compile(device: torch.device) -> None:
-    with _PENDING_LOCK:
-        pending = _PENDING.pop(device, None)
-    if pending is None:
-        return
-    thread, failure = pending
-    thread.join()
-    if failure:
-        raise RuntimeError(f"compiling the Triton block-scale search for {device} failed") from failure[0]
+def _compile(device: torch.device, dtype: torch.dtype, method: str) -> None:
+    with torch.cuda.device(device):
+        # [1, 16, 256]: block counts that are multiples of 16, as real weights' are (Triton specializes
+        # integer arguments on that), so the real launch finds this compile in the cache
+        w = torch.zeros(1, 16, 256, dtype=dtype, device=device)
+        _launch(w, torch.ones(1, device=device), method, False, True, method != "max", 2, wait=False)
+        torch.cuda.synchronize(device)
 
 
 def _launch(w, global_scale, method, return_codes, return_errors, return_base, low_margin, wait=True, h=None):
     if wait:
-        _wait_for_compile(w.device)
+        _PENDING.wait(w.device)
     # a tiny tensor is searched as 2^k w (a float32 copy) with 2^k g, the reference's own rule (formats.nvfp4);
     # NOT RUN ON A GPU YET: written to the CPU twins' pattern, the parity tests below cover it on the lent GPU
     w, global_scale, shift = exponent_normalized(w, global_scale)
