@@ -22,6 +22,9 @@ How it ran (2026-12-04, docs/engines.md has the table): ``bench/vllm_carry.py`` 
 FA2 and the Rust frontend), the 26 wheels its offline path imports that the image lacks, and the GGUF in five
 59 MiB parts over consecutive warm calls; then, with ``PYTHONPATH=/tmp/site:src``,
 ``--models qwen3_moe,mixtral,deepseek_v3,llama --parallel 4`` (149 s) and ``--models builtin --parallel 2`` (182 s).
+Second run (same day): ModelOpt's wheels joined the carried stream (five parts; the first two calls already ran
+other benchmarks with what had arrived), then ``--models qwen3_moe,mixtral,deepseek_v3,llama --parallel 4 --w4a4``
+(222 s) and ``--models builtin --parallel 3 --w4a4 --control`` (275 s, ModelOpt's calibration and export included).
 """
 
 from __future__ import annotations
