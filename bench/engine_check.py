@@ -135,9 +135,17 @@ def models(work: Path, log, names: list[str]) -> dict[str, Path]:
     return out
 
 
+def check_contract(job: dict, ckpt: Path) -> None:
+    """``moequant verify --engine vllm`` on the checkpoint, recorded in the job."""
+    from moequant.verify import verify
+
+    contract = verify(ckpt, engine="vllm")
+    job["contract"] = contract.ok
+    job["contract_summary"] = contract.summary()[-600:]
+
+
 def quantize_all(dirs: dict[str, Path], work: Path, log, device: str = "cuda") -> list[dict]:
     from moequant.quantize_command import quantize_model
-    from moequant.verify import verify
 
     jobs = []
     for name, model_dir in dirs.items():
@@ -149,9 +157,7 @@ def quantize_all(dirs: dict[str, Path], work: Path, log, device: str = "cuda") -
                 outcome = quantize_model(model_dir, out, recipe, fmt, samples=16, seq_len=256, device=device,
                                          overwrite=True, progress=False, log=lambda *_: None)
                 job["verify"] = outcome.verify.ok
-                contract = verify(out, engine="vllm")
-                job["contract"] = contract.ok
-                job["contract_summary"] = contract.summary()[-600:]
+                check_contract(job, out)
             except ROW_ERRORS as err:
                 job["error"] = f"quantize: {type(err).__name__}: {err}"
             job["quantize_s"] = round(time.perf_counter() - t, 1)
@@ -169,7 +175,6 @@ def modelopt_control(model_dir: Path, work: Path, log) -> dict:
 
     from moequant.calibration_data import calibration_tokens, load_tokenizer
     from moequant.recipe import CalibrationSpec
-    from moequant.verify import verify
 
     out = work / "ckpt" / "builtin-modelopt-0.47-mse"
     job = {"model": "builtin", "recipe": "ModelOpt 0.47 MSE, control", "format": "modelopt", "model_dir": str(model_dir),
@@ -182,9 +187,7 @@ def modelopt_control(model_dir: Path, work: Path, log) -> dict:
         args = argparse.Namespace(torch_dtype=torch.float32, device="cuda", model="moe", in_memory=False)
         _, _, notes = qp.run_modelopt("mse", Path(model_dir), calib, args, out)
         job["notes"] = notes
-        contract = verify(out, engine="vllm")
-        job["contract"] = contract.ok
-        job["contract_summary"] = contract.summary()[-600:]
+        check_contract(job, out)
     except ROW_ERRORS as err:
         job["error"] = f"ModelOpt: {type(err).__name__}: {err}"
     job["quantize_s"] = round(time.perf_counter() - t, 1)
