@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 
@@ -54,8 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("dense", "moe"), default="dense")
     parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="another model directory (e.g. bench/smoothing.py's output) instead of the built-in one")
     args = parser.parse_args()
-    model_dir = builtin_model_dir(dense=args.model == "dense")
+    model_dir = args.model_dir or builtin_model_dir(dense=args.model == "dense")
     model = load_model(model_dir).float().eval()
     tokenizer = load_tokenizer(model_dir)
     calib = calibration_tokens(None, tokenizer, samples=64, seq_len=512, seed=0).tokens

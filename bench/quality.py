@@ -144,13 +144,17 @@ def main() -> None:
                              "across runs (bench/quality.py --compare A B)")
     parser.add_argument("--compare", type=Path, nargs=2, default=None, metavar=("A", "B"),
                         help="paired bootstrap of two --nll-out files' options (same windows); no run")
+    parser.add_argument("--baseline", default=None,
+                        help="with --compare: compare every option of B against this option of A")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="another model directory (e.g. bench/smoothing.py's output) instead of the built-in one")
     args = parser.parse_args()
     if args.compare:
-        _compare(*args.compare)
+        _compare(*args.compare, args.baseline)
         return
     backend = "torch" if args.device == "cpu" else "auto"
     CALIB["samples"] = args.samples
-    model_dir = builtin_model_dir(dense=args.model == "dense")
+    model_dir = args.model_dir or builtin_model_dir(dense=args.model == "dense")
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"# {args.model} {model_dir.name}; {where}, torch {torch.__version__}", flush=True)
@@ -184,20 +188,31 @@ def main() -> None:
         torch.save({"original": nll_o, "inputs": args.inputs, **nll_q}, args.nll_out)
 
 
-def _compare(a: Path, b: Path) -> None:
-    """For each option in both files: perplexity gap in A and in B, and B's gap minus A's (paired windows)."""
+def _compare(a: Path, b: Path, baseline: str | None = None) -> None:
+    """For each option in both files: perplexity gap in A and in B, and B's gap minus A's (paired windows). With
+    ``baseline``: every option of B against A's ``baseline`` option. Two runs of one model share the original's
+    NLLs; runs of two equivalent models (e.g. bench/smoothing.py's, equal up to float rounding) each measure their
+    gap against their own original, on the same windows."""
     runs = [torch.load(p) for p in (a, b)]
-    if not torch.equal(runs[0]["original"], runs[1]["original"]):
-        raise SystemExit("the two runs were not evaluated on the same windows (original NLLs differ)")
-    nll_o = runs[0]["original"]
-    idx = torch.randint(0, nll_o.numel(), (RESAMPLES, nll_o.numel()), generator=torch.Generator().manual_seed(0))
-    ppl_o, ppl_o_r = math.exp(float(nll_o.mean())), nll_o[idx].mean(1).exp()
-    print(f"| option | gap, inputs {runs[0]['inputs']} | gap, inputs {runs[1]['inputs']} | change [95% CI] | "
-          "relative change [CI] |")
+    same_model = torch.equal(runs[0]["original"], runs[1]["original"])
+    if not same_model and runs[0]["original"].numel() != runs[1]["original"].numel():
+        raise SystemExit("the two runs were not evaluated on the same windows (different window counts)")
+    n = runs[0]["original"].numel()
+    idx = torch.randint(0, n, (RESAMPLES, n), generator=torch.Generator().manual_seed(0))
+
+    def gap(run: dict, name: str) -> tuple[float, torch.Tensor]:
+        nll_o, nll_q = run["original"], run[name]
+        return (math.exp(float(nll_q.mean())) - math.exp(float(nll_o.mean())),
+                nll_q[idx].mean(1).exp() - nll_o[idx].mean(1).exp())
+
+    if not same_model:
+        print("(different originals: each gap is against its own run's original, windows paired; original ppl "
+              f"{math.exp(float(runs[0]['original'].mean())):.3f} vs {math.exp(float(runs[1]['original'].mean())):.3f})")
+    print(f"| option (B) | gap in A ({baseline or 'same option'}, inputs {runs[0]['inputs']}) | gap in B (inputs "
+          f"{runs[1]['inputs']}) | change [95% CI] | relative change [CI] |")
     print("|---|---|---|---|---|")
-    for name in [k for k in runs[0] if k not in ("original", "inputs") and k in runs[1]]:
-        (ga, ga_r), (gb, gb_r) = ((math.exp(float(r[name].mean())) - ppl_o, r[name][idx].mean(1).exp() - ppl_o_r)
-                                  for r in runs)
+    for name in [k for k in runs[1] if k not in ("original", "inputs") and (baseline or k) in runs[0]]:
+        (ga, ga_r), (gb, gb_r) = gap(runs[0], baseline or name), gap(runs[1], name)
         print(f"| {name} | {ga:.2f} | {gb:.2f} | {_fmt(_ci(gb - ga, gb_r - ga_r))} | "
               f"{_fmt(_ci(gb / ga - 1, gb_r / ga_r - 1), 3)} |")
 
