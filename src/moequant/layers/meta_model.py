@@ -26,7 +26,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -178,10 +178,9 @@ def _allocate(source: SafetensorsSource, key: str, meta: torch.Tensor, parts: li
 
 
 def _read_part(source: SafetensorsSource, name: str, rows: torch.Tensor, flat: torch.Tensor,
-               dtype: torch.dtype, stream=None) -> None:
+               dtype: torch.dtype) -> None:
     """On-disk tensor ``name`` into ``rows`` of ``flat``: straight from the file where the rows are consecutive
-    and ``flat`` is in host memory of the same dtype; else read (page-locked for a GPU), then copied (on
-    ``stream``, a CUDA device's copy stream, when given)."""
+    and ``flat`` is in host memory of the same dtype; else read (page-locked for a GPU), then copied."""
     disk_dtype = DTYPES.get(source.entry(name)[1].get("dtype"))
     device = flat.device
     start = int(rows[0]) if rows.numel() else 0
@@ -191,13 +190,12 @@ def _read_part(source: SafetensorsSource, name: str, rows: torch.Tensor, flat: t
         source.get(name, out=flat[start:start + rows.numel()])   # straight into its rows: no second copy
         return
     pinned = device.type == "cuda"   # page-locked reads, queued copies: the H2D copy runs at full speed
-    host = source.get(name, pinned=pinned).reshape(-1, flat.shape[1])
-    with torch.cuda.stream(stream) if stream is not None else nullcontext():
-        block = host.to(device=device, dtype=dtype, non_blocking=pinned)
-        if consecutive:   # every layout but interleaved: a copy
-            flat[start:start + rows.numel()] = block
-        else:
-            flat[rows.to(device)] = block
+    block = source.get(name, pinned=pinned).reshape(-1, flat.shape[1]).to(device=device, dtype=dtype,
+                                                                           non_blocking=pinned)
+    if consecutive:   # every layout but interleaved: a copy
+        flat[start:start + rows.numel()] = block
+    else:
+        flat[rows.to(device)] = block
 
 
 def init_non_persistent_buffers(model: nn.Module, prefix: str = "", exclude_prefix: str | None = None,
@@ -237,35 +235,13 @@ def read_tensors(source: SafetensorsSource, plan: dict[str, tuple], device: torc
     for key, (meta, parts) in plan.items():
         values[key] = _allocate(source, key, meta, parts, device, pool)
         jobs += [(source, name, rows, values[key].view(-1, _width(meta)), meta.dtype) for name, rows in parts]
-    stream = _copy_stream(device)
-    if stream is not None:   # the copies queue behind what the device was asked to do so far, not the reverse
-        stream.wait_stream(torch.cuda.current_stream(device))
-    try:
-        if len(jobs) == 1:
-            _read_part(*jobs[0], stream)
-        else:
-            readers = _readers()
-            for future in [readers.submit(_read_part, *job, stream) for job in jobs]:
-                future.result()   # the first part's error first; every read has finished when this loop ends
-    finally:
-        if stream is not None:
-            stream.synchronize()   # the values are complete for any stream (and nothing is left writing on error)
+    if len(jobs) == 1:
+        _read_part(*jobs[0])
+    else:
+        readers = _readers()
+        for future in [readers.submit(_read_part, *job) for job in jobs]:
+            future.result()   # the first part's error first; every read has finished when this loop ends
     return values
-
-
-_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _copy_stream(device: torch.device):
-    """A CUDA device's stream for the readers' host-to-device copies (None elsewhere): on the compute stream,
-    the next layer's copies would queue ahead of the current layer's kernels."""
-    if device.type != "cuda":
-        return None
-    key = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-    with _READER_LOCK:
-        if key not in _COPY_STREAMS:
-            _COPY_STREAMS[key] = torch.cuda.Stream(key)
-        return _COPY_STREAMS[key]
 
 
 def install(model: nn.Module, values: dict[str, torch.Tensor], prefix: str, exclude_prefix: str | None = None,
