@@ -185,11 +185,31 @@ def summary_lines(o: QuantizeOutcome, fmt: str) -> list[str]:
     ]
     if report.floor_summary() is not None:
         lines.append(f"input floor         {report.floor_summary()}")
-    for c in report.coverage:
-        if c.under_covered:
-            got = ", ".join(f"e{e}:{n}->{what}" for e, n, what in c.under_covered[:6])
-            more = f" (+{len(c.under_covered) - 6} more)" if len(c.under_covered) > 6 else ""
-            lines.append(f"  under-covered {c.path}: {got}{more}")
+    return lines + coverage_lines(report.coverage)
+
+
+SHOWN_CONTAINERS, SHOWN_EXPERTS = 4, 12
+
+
+def coverage_lines(coverage) -> list[str]:
+    """The under-covered experts for the terminal: each remedy said once, then up to ``SHOWN_CONTAINERS`` MoE
+    layers with up to ``SHOWN_EXPERTS`` experts each (``e<id>:<routed tokens>``), the rest counted. report.html
+    and the JSON report name every one (a 48-layer model listed in full would print thousands of lines)."""
+    by_remedy: dict[str, dict[str, list[str]]] = {}
+    for c in coverage:
+        for e, n, what in c.under_covered:
+            by_remedy.setdefault(what, {}).setdefault(c.path, []).append(f"e{e}:{n}")
+    lines = []
+    for what, paths in by_remedy.items():
+        lines.append(f"  under-covered -> {what}:")
+        shown = list(paths.items())[:SHOWN_CONTAINERS]
+        for path, experts in shown:
+            more = f" (+{len(experts) - SHOWN_EXPERTS} more)" if len(experts) > SHOWN_EXPERTS else ""
+            lines.append(f"    {path}: {' '.join(experts[:SHOWN_EXPERTS])}{more}")
+        rest = list(paths.values())[SHOWN_CONTAINERS:]
+        if rest:
+            lines.append(f"    ... {sum(map(len, rest))} more in {len(rest)} more layers: every one in report.html "
+                         "and moequant_report.json")
     return lines
 
 
