@@ -74,6 +74,20 @@ def _tokenizer(folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(folder))
 
 
+def _check_disk(folder: Path, config) -> None:
+    """Stop before writing a model that, with the two tools' outputs (~0.4x each), would not fit: a full disk in
+    the middle of the build costs a device call (it happened with a 24-layer model beside a 12-layer one)."""
+    h, e, i = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    attn = h * (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim * 2
+    need = 2 * config.num_hidden_layers * (3 * e * h * i + attn) + 2 * 2 * config.vocab_size * h
+    need = int(need * 1.8)   # the model + both tools' NVFP4 outputs and the write floor's file
+    free = shutil.disk_usage(folder.parent).free
+    if free < need:
+        others = sorted(str(d) for d in folder.parent.glob("whole_job-*") if d != folder)
+        sys.exit(f"{folder.parent}: {free / 1e9:.0f} GB free, this run needs ~{need / 1e9:.0f} GB; delete earlier "
+                 f"models first: {' '.join(others) or '(none of this bench found)'}")
+
+
 def build(folder: Path, size: str, layers: int, seed: int = 0) -> int:
     """Write the model (see the module docstring); returns its bytes. Reused when already built alike."""
     from safetensors.torch import save_file
@@ -85,8 +99,9 @@ def build(folder: Path, size: str, layers: int, seed: int = 0) -> int:
     if stamp.is_file() and json.loads(stamp.read_text()).get("spec") == spec:
         return json.loads(stamp.read_text())["bytes"]
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     config = _config(size, layers)
+    _check_disk(folder, config)
+    folder.mkdir(parents=True)
     config.architectures = ["Qwen3MoeForCausalLM"]   # as a hub config.json has it (ModelOpt's export reads it)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
