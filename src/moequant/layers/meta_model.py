@@ -25,7 +25,7 @@ import json
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -142,7 +142,7 @@ def _reader_count() -> int:
 
 
 def _readers() -> ThreadPoolExecutor:
-    """The threads that read on-disk tensors (``_read``), made on first use and shared by every read."""
+    """The threads that read on-disk tensors (``_read_part``), made on first use and shared by every read."""
     global _READER_POOL
     with _READER_LOCK:
         if _READER_POOL is None:
@@ -238,9 +238,10 @@ def read_tensors(source: SafetensorsSource, plan: dict[str, tuple], device: torc
     if len(jobs) == 1:
         _read_part(*jobs[0])
     else:
-        readers = _readers()
-        for future in [readers.submit(_read_part, *job) for job in jobs]:
-            future.result()   # the first part's error first; every read has finished when this loop ends
+        futures = [_readers().submit(_read_part, *job) for job in jobs]
+        wait(futures)   # every read has finished, even when one failed: nothing writes into these buffers later
+        for future in futures:
+            future.result()   # the first part's error (in plan order), if any
     return values
 
 
