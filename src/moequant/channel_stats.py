@@ -72,12 +72,13 @@ class _Sums:
             self.sq[e] += g.to(device=self.sq.device, dtype=torch.float64)
         self.count += torch.as_tensor(count).cpu()
 
-    def fold(self, parts: list[torch.Tensor], count: torch.Tensor) -> None:
+    def fold(self, parts, count: torch.Tensor) -> None:
         """Set the sums from calls given in one process's order: ``((0 + p0) + p1) + ...``, the same float64
-        additions one process makes, so the result is bit-identical to it."""
+        additions one process makes, so the result is bit-identical to it. ``parts``: any iterable, read once
+        (a generator may produce each call's sum only when it is added)."""
         sq = torch.zeros_like(self.sq)
         for p in parts:
-            sq += p
+            sq += p.to(sq.device)
         self.sq, self.count, self.parts = sq, count, None
 
 

@@ -161,16 +161,19 @@ class Ranks:
             if not big[i]:
                 sums.fold([gathered[r][i][2][j] for r, j in order], count)
                 continue
-            total = torch.zeros_like(sums.sq)
-            for r, j in order:
-                part = sums.parts[j] if r == self.rank else None
-                t = part.to(self.device) if part is not None else \
-                    torch.empty(sums.sq.shape, dtype=torch.float64, device=self.device)
-                dist.broadcast(t, src=r)
-                total += t.to(total.device)   # the additions of _Sums.fold, in the same order
-                if part is not None:
-                    sums.parts[j] = None
-            sums.sq, sums.count, sums.parts = total, count, None
+            sums.fold(self._broadcast_parts(sums, order), count)
+
+    def _broadcast_parts(self, sums, order: list[tuple[int, int]]):
+        """Each call's sum in ``order`` ((rank, its call)), broadcast by the rank that made it when it is needed;
+        a rank drops its own sum once sent."""
+        for r, j in order:
+            part = sums.parts[j] if r == self.rank else None
+            t = part.to(self.device) if part is not None else \
+                torch.empty(sums.sq.shape, dtype=torch.float64, device=self.device)
+            dist.broadcast(t, src=r)
+            if part is not None:
+                sums.parts[j] = None
+            yield t
 
     def reduce_expert_amax(self, expert_amax: dict) -> dict:
         """MAX of the per-expert input amax after the coverage pass (which ran on each rank's own tokens)."""
