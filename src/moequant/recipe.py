@@ -15,6 +15,8 @@ file name and line. Defaults live only in these dataclasses; a YAML file states 
     kv_cache:    none | fp8 | fp8-cast       fp8: calibrated k/v scales (amax / 448); fp8-cast: scales 1.0
     calibration: {dead_experts: coverage | route_all | routed, min_tokens, input_floor: layer | none,
                   samples, seq_len, seed}   (input_floor: moequant.calibrate, the experts' layer floor)
+    smoothing:   {enabled: bool, alpha: float in [0, 1]}   SmoothQuant channel factors folded into the layer
+                                          before its calibration (moequant.smoothing); W4A4 / W8A8 only
 
 ``include``/``exclude`` apply after structural discovery (``discover``), to ``Target.module_path`` with
 ``fnmatch`` rules (``*`` also crosses dots). A pattern that matches no module at all is an error (a typo
@@ -62,6 +64,12 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class SmoothingSpec:
+    enabled: bool = False
+    alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})   # s = amax_x^alpha / amax_w^(1-alpha)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "custom"
     description: str = ""
@@ -72,9 +80,13 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     kv_cache: str = field(default="none", metadata=_choice("none", "fp8", "fp8-cast"))
     calibration: CalibrationSpec = CalibrationSpec()
+    smoothing: SmoothingSpec = SmoothingSpec()
 
     def __post_init__(self):
         fmt, act = self.weights.format, self.activations
+        if self.smoothing.enabled and act == "none":
+            raise RecipeError("smoothing moves activation outliers into the weights; a weight-only recipe "
+                              "(activations: none) has nothing to gain from it: set smoothing.enabled: false")
         if act not in ("none", fmt):
             raise RecipeError(
                 f"activations: {act} does not go with weights format {fmt}; use activations: {fmt} "
@@ -178,18 +190,24 @@ def _scalar(spec, value: _Located, key: str, source: str) -> Any:
         if not isinstance(v, bool):
             raise RecipeError(f"{where}: {key} must be true or false, got {v!r}")
         return v
-    if not isinstance(default, (int, str)):
+    if not isinstance(default, (int, float, str)):
         raise TypeError(f"recipe field {key} has an unsupported type")  # programming error
-    if isinstance(default, int) and (isinstance(v, bool) or not isinstance(v, int)):
+    if isinstance(default, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise RecipeError(f"{where}: {key} must be a number, got {v!r}")
+        v = float(v)
+    elif isinstance(default, int) and (isinstance(v, bool) or not isinstance(v, int)):
         raise RecipeError(f"{where}: {key} must be an integer, got {v!r}")
     if isinstance(default, str) and not isinstance(v, str):
         raise RecipeError(f"{where}: {key} must be a string, got {v!r}")
     choices = spec.metadata.get("choices")
     if choices and v not in choices:
         raise RecipeError(f"{where}: {key}: {v!r} is not one of {', '.join(choices)}")
-    low = spec.metadata.get("min")
+    low, high = spec.metadata.get("min"), spec.metadata.get("max")
     if low is not None and v < low:
         raise RecipeError(f"{where}: {key} must be >= {low}, got {v}")
+    if high is not None and v > high:
+        raise RecipeError(f"{where}: {key} must be <= {high}, got {v}")
     return v
 
 

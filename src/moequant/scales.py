@@ -103,6 +103,11 @@ class QuantState:
     kv_cache: dict[str, KVScales] = field(default_factory=dict)  # by attention path; empty: no KV quant
     kv_scheme: str | None = None                                   # None | "fp8" | "fp8-cast"
     notes: list[str] = field(default_factory=list)
+    smoothing: list = field(default_factory=list)   # moequant.smoothing.Smoothing of each smoothed decoder layer
+
+    def smoothed_tensors(self) -> dict:
+        """Parameter name -> value after smoothing of every unquantized tensor the smoothing changed."""
+        return {name: t for s in self.smoothing for name, t in s.changed.items()}
 
     def expert_records(self) -> dict[str, Record]:
         """One record per expert and projection (gate, up, down) of every fused-experts target.

@@ -12,27 +12,32 @@ from dist_worker import cli_rank_main, rank_main, run
 
 
 FLOORED = "floored.yaml"   # nvfp4-mse with the experts' layer floor (calibration.input_floor: layer)
+SMOOTHED = "smoothed.yaml"   # nvfp4-best with smoothing: the factors' statistics are reduced across ranks
+RECIPE_FILES = {FLOORED: "weights: {format: nvfp4, method: mse}\ncalibration: {input_floor: layer}\n",
+                SMOOTHED: "weights: {format: nvfp4, method: weighted_mse}\nsmoothing: {enabled: true}\n"}
 
 
-@pytest.mark.parametrize("recipe", ["nvfp4-mse", "nvfp4-best", "nvfp4-gptq", FLOORED])   # best, gptq: float64 sums
-def test_two_gloo_processes_equal_one(model_dir, tmp_path, recipe):
+def files_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4-mse", "nvfp4-best", "nvfp4-gptq", FLOORED, SMOOTHED])
+def test_two_gloo_processes_equal_one(model_dir, tmp_path, recipe):   # best, gptq: float64 sums
     src = model_dir("qwen3_moe", dead_experts=True)   # under-covered experts: the coverage pass is reduced too
-    if recipe == FLOORED:   # a max taken before the ranks' MAX reduction: still one process's bytes
-        recipe = str(tmp_path / FLOORED)
-        Path(recipe).write_text("weights: {format: nvfp4, method: mse}\ncalibration: {input_floor: layer}\n")
+    if recipe in RECIPE_FILES:   # floor: a max taken before the ranks' MAX reduction: still one process's bytes
+        Path(tmp_path / recipe).write_text(RECIPE_FILES[recipe])
+        recipe = str(tmp_path / recipe)
     mp.spawn(rank_main, args=(2, str(tmp_path / "rendezvous"), str(src), str(tmp_path / "two"), "gloo", 2, recipe),
              nprocs=2, join=True)
     run(str(src), str(tmp_path / "one"), recipe=recipe)
-    one = {p.name: p.read_bytes() for p in sorted(Path(tmp_path / "one").iterdir())}
-    two = {p.name: p.read_bytes() for p in sorted(Path(tmp_path / "two").iterdir())}
+    one, two = files_bytes(tmp_path / "one"), files_bytes(tmp_path / "two")
     assert sorted(one) == sorted(two)
     for name, data in one.items():
         assert two[name] == data, name
 
 
 def _same_files(a: Path, b: Path) -> None:
-    one = {p.name: p.read_bytes() for p in sorted(a.iterdir())}
-    other = {p.name: p.read_bytes() for p in sorted(b.iterdir())}
+    one, other = files_bytes(a), files_bytes(b)
     assert sorted(one) == sorted(other)
     for name, data in one.items():
         assert other[name] == data, name
@@ -80,8 +85,7 @@ def test_two_nccl_gpus_equal_one_gpu(model_dir, tmp_path):
     mp.spawn(rank_main, args=(2, str(tmp_path / "rendezvous"), str(src), str(tmp_path / "two"), "nccl", 1),
              nprocs=2, join=True)
     run(str(src), str(tmp_path / "one"), batch_size=1, device="cuda:0")
-    one = {p.name: p.read_bytes() for p in sorted(Path(tmp_path / "one").iterdir())}
-    two = {p.name: p.read_bytes() for p in sorted(Path(tmp_path / "two").iterdir())}
+    one, two = files_bytes(tmp_path / "one"), files_bytes(tmp_path / "two")
     assert sorted(one) == sorted(two)
     for name, data in one.items():
         assert two[name] == data, name

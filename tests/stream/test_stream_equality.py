@@ -15,7 +15,8 @@ CALIB = {"calibration": {"samples": 4, "seq_len": 32}}
 
 
 def files_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file under ``folder`` (relative path -> bytes), subdirectories (smoothing factors) included."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def in_memory(src: Path, out: Path, recipe, fmt: str, max_shard_bytes: int = 5 * 10**9) -> None:
@@ -54,6 +55,20 @@ def test_streamed_weighted_search_with_dead_experts_equals_in_memory(model_dir, 
     result = quantize_streamed(src, tmp_path / "stream", rec, "modelopt", tokenizer=load_tokenizer(src))
     assert result.report.under_covered, "the model should have under-covered experts"
     mem, streamed = files_bytes(tmp_path / "mem"), files_bytes(tmp_path / "stream")
+    assert sorted(mem) == sorted(streamed)
+    for name in mem:
+        assert mem[name] == streamed[name], name
+
+
+def test_streamed_smoothing_equals_in_memory(model_dir, tmp_path):
+    """Smoothing streamed (factors from each layer's inputs, folded, quantized, the layer restored; the smoothed
+    norms and routers written from the result): the same shards and the same factors file as in memory."""
+    src = model_dir("qwen3_moe", dead_experts=True)
+    rec = load_recipe("nvfp4-best", kv_cache="fp8", smoothing={"enabled": True}, **CALIB)
+    in_memory(src, tmp_path / "mem", rec, "modelopt", max_shard_bytes=40_000)
+    quantize_streamed(src, tmp_path / "stream", rec, "modelopt", tokenizer=load_tokenizer(src), max_shard_bytes=40_000)
+    mem, streamed = files_bytes(tmp_path / "mem"), files_bytes(tmp_path / "stream")
+    assert "moequant_smoothing/factors.safetensors" in mem
     assert sorted(mem) == sorted(streamed)
     for name in mem:
         assert mem[name] == streamed[name], name

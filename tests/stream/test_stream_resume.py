@@ -21,14 +21,15 @@ import sys
 from moequant.calibration_data import load_tokenizer
 from moequant.recipe import load_recipe
 from moequant.layers.streamed import quantize_streamed
-src, out = sys.argv[1], sys.argv[2]
-rec = load_recipe("nvfp4-mse", kv_cache="fp8", calibration={"samples": 4, "seq_len": 32})
+src, out, smoothing = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+rec = load_recipe("nvfp4-mse", kv_cache="fp8", calibration={"samples": 4, "seq_len": 32},
+                  smoothing={"enabled": smoothing})
 quantize_streamed(src, out, rec, "modelopt", tokenizer=load_tokenizer(src), max_shard_bytes=40_000)
 """
 
 
 def files_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,9 @@ def src(tmp_path_factory):
     return save_model_dir(tmp_path_factory.mktemp("deepseek"), "deepseek_v3")   # 3 layers, dense + MoE
 
 
-def _killed_run(src: Path, out: Path) -> None:
+def _killed_run(src: Path, out: Path, smoothing: bool = False) -> None:
     env = {**os.environ, KILL_AFTER_LAYER_ENV: "1"}
-    child = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out)], env=env, capture_output=True, text=True,
+    child = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(int(smoothing))], env=env, capture_output=True, text=True,
                            timeout=300, check=False)
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     assert not out.exists()
@@ -46,15 +47,17 @@ def _killed_run(src: Path, out: Path) -> None:
     assert '"layer-00001"' in journal and '"layer-00002"' not in journal
 
 
-def test_kill_and_resume_is_byte_identical(src, tmp_path):
-    rec = load_recipe("nvfp4-mse", **RECIPE)
-    _killed_run(src, tmp_path / "resumed")
+@pytest.mark.parametrize("smoothing", [False, True])   # smoothing: factors journaled, replay of unsmoothed layers
+def test_kill_and_resume_is_byte_identical(src, tmp_path, smoothing):
+    rec = load_recipe("nvfp4-mse", **RECIPE, smoothing={"enabled": smoothing})
+    _killed_run(src, tmp_path / "resumed", smoothing)
     resumed = quantize_streamed(src, tmp_path / "resumed", rec, "modelopt", tokenizer=load_tokenizer(src),
                                 max_shard_bytes=40_000)
     assert any("resumed: 2 decoder layer(s)" in n for n in resumed.report.notes)
     assert not partial_dir(tmp_path / "resumed").exists()
     quantize_streamed(src, tmp_path / "fresh", rec, "modelopt", tokenizer=load_tokenizer(src), max_shard_bytes=40_000)
     fresh, again = files_bytes(tmp_path / "fresh"), files_bytes(tmp_path / "resumed")
+    assert ("moequant_smoothing/factors.safetensors" in fresh) == smoothing
     assert sorted(fresh) == sorted(again)
     for name in fresh:
         assert fresh[name] == again[name], name

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moequant.export import common, compressed_tensors, hf_files, modelopt_hf
+from moequant.export.smoothing_file import write_smoothing_file
 from moequant.export.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     ExportError,
@@ -91,6 +92,7 @@ def checkpoint_extras(model: nn.Module, state: QuantState, fmt: str, source_dir,
     config["moequant"] = _metadata(state, fmt, recipe)
 
     def write_extras(tmp: Path) -> None:
+        write_smoothing_file(model, state.plan, state.smoothing, tmp)
         hf_files.copy_source_files(source_dir, tmp)
         hf_files.write_json(tmp / "config.json", config)
         if hf_quant is not None:
@@ -119,12 +121,13 @@ def export(
     common.check_exportable(state)
     layers_path, layers = decoder_layers(model)
     inside = layers_path + "."
+    smoothed = state.smoothed_tensors()
     parts = [part_specs(part_state(state, inside, None), format,
-                        common.unquantized_tensors(model, state.plan, "", inside))]
+                        common.unquantized_tensors(model, state.plan, "", inside, smoothed))]
     for i in range(len(layers)):
         prefix = f"{inside}{i}."
         parts.append(part_specs(part_state(state, prefix, i), format,
-                                common.unquantized_tensors(model, state.plan, prefix)))
+                                common.unquantized_tensors(model, state.plan, prefix, replaced=smoothed)))
     write_extras = checkpoint_extras(model, state, format, source_dir, recipe)
     return write_checkpoint(out_dir, parts, write_extras, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                             source_dir=source_dir)

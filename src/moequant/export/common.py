@@ -155,15 +155,22 @@ def block_cols(target: Target) -> int:
 
 
 def unquantized_tensors(model: nn.Module, plan: Plan, prefix: str = "",
-                        exclude_prefix: str | None = None) -> dict[str, torch.Tensor]:
+                        exclude_prefix: str | None = None, replaced=None) -> dict[str, torch.Tensor]:
     """On-disk name -> tensor of everything ``save_pretrained`` would write that is not a quantized target,
     original dtype and name: only in-memory tensors under ``prefix`` and not under ``exclude_prefix`` (the
-    streamed run holds one decoder layer at a time; the others are on the meta device)."""
+    streamed run holds one decoder layer at a time; the others are on the meta device). ``replaced``:
+    parameter name -> the tensor to write instead of the model's (smoothing's changed norms and routers)."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     targets = {t.key for t in plan.targets}
     sd = {k: v for k, v in model.state_dict().items() if k not in targets and k.startswith(prefix)
           and not (exclude_prefix and k.startswith(exclude_prefix))}
+    for name, tensor in (replaced or {}).items():
+        if name.startswith(prefix) and not (exclude_prefix and name.startswith(exclude_prefix)):
+            if name not in sd:
+                raise ExportError(f"{name}: a smoothed tensor that is not an unquantized tensor of the model; "
+                                  "exporter bug")
+            sd[name] = tensor
     sd = remove_tied_weights_from_state_dict(sd, model)
     reverted = revert_weight_conversion(model, sd)
     quantized = {s.name for t in plan.targets for s in t.slices}

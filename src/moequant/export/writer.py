@@ -101,15 +101,16 @@ def _shard_order(shard: list[TensorSpec]) -> list[TensorSpec]:
     return sorted(shard, key=lambda s: (-torch.empty((), dtype=s.dtype).element_size(), natural_key(s.name)))
 
 
-def write_safetensors(path: Path, shard: list[TensorSpec]) -> None:
-    """Write one safetensors file building ONE tensor at a time (peak memory: the largest tensor).
+def write_safetensors(path: Path, shard: list[TensorSpec], metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file building ONE tensor at a time (peak memory: the largest tensor); ``metadata``
+    is added to the header's ``__metadata__`` in the order given (the bytes are deterministic).
 
     Format (safetensors spec): u64 little-endian header length, a JSON header ``{"__metadata__": {...},
     name: {"dtype", "shape", "data_offsets": [begin, end]}}`` padded with spaces to a multiple of 8 bytes,
     then the tensors' bytes back to back, offsets relative to the end of the header.
     """
     order = _shard_order(shard)
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
     for spec in order:
         if spec.dtype not in SAFETENSORS_DTYPES:
             raise ExportError(f"{spec.name}: dtype {spec.dtype} cannot be written to safetensors")

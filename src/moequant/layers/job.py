@@ -96,6 +96,8 @@ def start_job(model: nn.Module, recipe: Recipe, device, backend: str, sequential
     if not sequential and where != home:
         raise ValueError(f"sequential=False runs the model where it is ({home}); move the model to {device} "
                          "first or use sequential=True")
+    if recipe.smoothing.enabled and not sequential:
+        raise CalibrationError("smoothing folds factors into one decoder layer at a time; use sequential=True")
     outside = [t.key for t in job.targets_of(None)]
     if outside and sequential and (job.observe_targets or job.kv):
         raise CalibrationError(

@@ -42,7 +42,7 @@ def run_layers(job: Job, source, sink, inputs: list[LayerInput], report: Report,
         with source.layer(i, ahead):
             result = calibrate_layer(job, i, inputs, ranks)
             if sink.writes:
-                result = replace(result, unquantized=source.unquantized(i))
+                result = replace(result, unquantized=source.unquantized(i, result.smoothing.changed))
         account(report, result)
         sink.put(result)
     return resumed
@@ -68,7 +68,15 @@ def assemble_state(job: Job, results: list[LayerResult], report: Report) -> Quan
         kv.update(r.kv)
         backends |= r.backends
     state = QuantState(job.plan, {t.key: tensors[t.key] for t in job.plan.targets},
-                       ",".join(sorted(backends)) or "torch", job.recipe.weights.method)
+                       ",".join(sorted(backends)) or "torch", job.recipe.weights.method,
+                       smoothing=[r.smoothing for r in results if r.smoothing.sites])
+    smoothed = [s for r in results for s in r.smoothing.sites]
+    if smoothed:
+        report.notes.append(f"smoothing (alpha {job.recipe.smoothing.alpha}): {len(smoothed)} sites folded in "
+                            f"({sum(s.kind == 'norm' for s in smoothed)} norms, "
+                            f"{sum(s.kind == 'down' for s in smoothed)} down projections); factors in "
+                            "moequant_smoothing/factors.safetensors")
+    report.notes += [m for r in results for m in r.smoothing.skipped]
     if job.kv:
         if not kv:
             raise KVObservationError("kv_cache was requested but no attention layer wrote to the KV cache during "

@@ -181,6 +181,13 @@ class Ranks:
         return {path: (self._reduce(expert_amax[path][0], mx), self._reduce(expert_amax[path][1], mx))
                 for path in sorted(expert_amax)}
 
+    def reduce_smoothing(self, amax: dict, tokens: dict) -> None:
+        """Smoothing's statistics (``moequant.smoothing``), in place: MAX of channel amax, SUM of routed tokens."""
+        for key in sorted(amax):
+            amax[key] = self._reduce(amax[key], dist.ReduceOp.MAX)
+        for key in sorted(tokens):
+            tokens[key] = self._reduce(tokens[key], dist.ReduceOp.SUM)
+
 
 class ProcessGroupFromEnv:
     """Under ``torchrun`` (WORLD_SIZE > 1): joins the process group (NCCL for CUDA, else gloo); ``device`` is

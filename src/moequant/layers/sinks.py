@@ -21,6 +21,7 @@ from moequant.journal import Journal
 from moequant.layers.job import Job
 from moequant.layers.step import LayerResult, frozen
 from moequant.scales import QuantState
+from moequant.smoothing import Smoothing
 
 KILL_AFTER_LAYER_ENV = "MOEQUANT_TEST_KILL_AFTER_LAYER"   # tests only: SIGKILL self after journaling layer k
 
@@ -83,7 +84,7 @@ class Journaled:
         """A journaled part's result as the run that wrote it had it (light)."""
         s = self.journal.summary(part_name(i))
         result = LayerResult(i, frozen(s["tensors"]), frozen(s["kv"]), tuple(s["coverage"]),
-                             frozenset(s["backends"]), frozen({}))
+                             frozenset(s["backends"]), frozen({}), smoothing=s.get("smoothing", Smoothing()))
         self.results.append(result)
         return result
 
@@ -96,7 +97,7 @@ class Journaled:
         specs = part_specs(state, self.fmt, result.unquantized)
         light = {k: replace(v, block_scale=None, codes=None) for k, v in result.tensors.items()}
         summary = {"tensors": light, "kv": dict(result.kv), "backends": sorted(result.backends),
-                   "coverage": list(result.coverage)}
+                   "coverage": list(result.coverage), "smoothing": result.smoothing}
         self.results.append(replace(result, tensors=frozen(light), unquantized=frozen({})))
         self._wait()
         if self._pool is None:

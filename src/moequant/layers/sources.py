@@ -32,8 +32,8 @@ class ModelLayers:
         with on_device(self.job.layers[i], self.job.device, path):
             yield
 
-    def unquantized(self, i: int) -> dict[str, torch.Tensor]:
-        return unquantized_tensors(self.job.model, self.job.plan, self.job.layer_path(i) + ".")
+    def unquantized(self, i: int, replaced=None) -> dict[str, torch.Tensor]:
+        return unquantized_tensors(self.job.model, self.job.plan, self.job.layer_path(i) + ".", replaced=replaced)
 
     def close(self) -> None:
         pass
@@ -94,10 +94,11 @@ class ShardLayers:
                 self._buffers.give(w.data for w in weights)
             release_heap(keep=2 * layer_bytes)   # bounds what glibc keeps (flat with depth), rarely trims
 
-    def unquantized(self, i: int) -> dict[str, torch.Tensor]:
+    def unquantized(self, i: int, replaced=None) -> dict[str, torch.Tensor]:
         """The layer's unquantized tensors copied to the host (pinned, queued, one wait): the layer itself goes
-        back to the meta device when the loop moves on, while a sink may still be writing them."""
-        found = unquantized_tensors(self.job.model, self.job.plan, self.job.layer_path(i) + ".")
+        back to the meta device when the loop moves on, while a sink may still be writing them. ``replaced``:
+        parameter name -> tensor to write instead (the smoothed norms and routers)."""
+        found = unquantized_tensors(self.job.model, self.job.plan, self.job.layer_path(i) + ".", replaced=replaced)
         return host_copies(found)
 
     def close(self) -> None:

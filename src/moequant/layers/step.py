@@ -8,8 +8,10 @@ computes; the loop (``loop.py``) feeds it and hands what it returns to a sink.
 
 With weighted_mse / gptq the observation runs first (the search needs its statistics), otherwise after the
 weights (the observed forward runs the unquantized layer either way, so the order changes no value). The
-observed forward's outputs replace ``inputs[k].hidden``: they are the next layer's inputs. Statistics live in
-this call only, so nothing grows with depth. Under torchrun (``ranks.Ranks``) each rank observes its batches and
+observed forward's outputs replace ``inputs[k].hidden``: they are the next layer's inputs. With the recipe's
+``smoothing`` the layer is first smoothed in place (``moequant.smoothing``: one forward of the original layer
+gives the factors' statistics and the next layer's inputs), then observed and quantized as above, then
+restored. Statistics live in this call only, so nothing grows with depth. Under torchrun (``ranks.Ranks``) each rank observes its batches and
 searches its share of the weight work; the ranks exchange statistics and results, and rank 0's result is the
 whole layer's (other ranks return their own share, which nobody writes).
 """
@@ -30,6 +32,7 @@ from moequant.layers.inputs import LayerInput
 from moequant.layers.job import Job, timed
 from moequant.plan import Target
 from moequant.scales import KVScales, TensorScales
+from moequant.smoothing import Smoothing, smooth_layer
 from moequant.weights import calibrate_weights
 
 
@@ -44,6 +47,7 @@ class LayerResult:
     backends: frozenset[str]
     seconds: Mapping[str, float]
     unquantized: Mapping[str, torch.Tensor] = field(default_factory=dict)   # on-disk name -> tensor (writers)
+    smoothing: Smoothing = Smoothing()       # recipe smoothing: factors, changed unquantized tensors
 
 
 def frozen(d: dict) -> Mapping:
@@ -54,6 +58,36 @@ def calibrate_layer(job: Job, i: int | None, inputs: list[LayerInput], ranks=Non
     """Decoder layer ``i`` of ``job`` (already on ``job.device``), observed on ``inputs`` (updated in place to
     its outputs); ``i=None``: the targets outside the decoder layers (weights only)."""
     targets, seconds = job.targets_of(i), {}
+    if not (inputs and i is not None and job.recipe.smoothing.enabled):
+        return _calibrate(job, i, inputs, targets, seconds, ranks)
+    with timed(seconds, "smooth"):
+        smoothing, folded, next_hidden = _smooth(job, i, inputs, targets, ranks)
+    try:
+        result = _calibrate(job, i, inputs, targets, seconds, ranks)
+    finally:
+        if folded is not None:
+            folded.restore()
+    for inp, hidden in zip(inputs, next_hidden):   # the unsmoothed layer's outputs: what a resumed run replays
+        inp.hidden = hidden
+    return replace(result, smoothing=smoothing)
+
+
+def _smooth(job: Job, i: int, inputs: list[LayerInput], targets: list[Target], ranks):
+    """Layer ``i`` smoothed in place (``moequant.smoothing``); ``inputs`` left as they were. Returns the record,
+    the originals to restore, and the unsmoothed layer's outputs (the next layer's inputs)."""
+    originals = [inp.hidden for inp in inputs]
+    spec = job.recipe.smoothing
+    reduce = ranks.reduce_smoothing if ranks is not None else None
+    smoothing, folded = smooth_layer(job.layers[i], job.layer_path(i), inputs, {t.module_path for t in targets},
+                                     job.containers, spec.alpha, job.recipe.calibration.min_tokens, reduce)
+    next_hidden = [inp.hidden for inp in inputs]
+    for inp, hidden in zip(inputs, originals):
+        inp.hidden = hidden
+    return smoothing, folded, next_hidden
+
+
+def _calibrate(job: Job, i: int | None, inputs: list[LayerInput], targets: list[Target], seconds: dict,
+               ranks) -> LayerResult:
     stats = ActivationStats(channels=ChannelStats(hessians=job.recipe.needs_hessians)
                             if job.recipe.needs_channel_stats else None)
     if ranks is not None and stats.channels is not None:

@@ -15,12 +15,13 @@ Checks, each failure naming the tensor and the check:
                    identical global and input scales;
   experts_complete every expert of every MoE layer (count from config.json) with all its projections;
   exclude_list     the exclude/ignore list covers exactly the unquantized linears;
-  kv_scales        right names, for all attention layers or none.
+  kv_scales        right names, for all attention layers or none;
+  smoothing        a smoothed checkpoint's factors file (``smoothing.py``) reads and fits the tensors it names.
 With ``engine="vllm"``: also the loader contract of vLLM 0.26.0 (``engine_vllm.py``, checks ``vllm_*``): what
 vLLM's weight loader asks for, how its exclude rules resolve, w1/w3 scales, input scales, KV-scale renaming.
 With ``reference`` (the original model directory): relative weight error per tensor / layer / expert with
 outliers flagged (warnings) and wrong tensors failed (``relative_error`` >= 0.5, see ``reference.py``),
-unquantized tensors identical, no tensor missing.
+unquantized tensors identical, no tensor missing; a smoothed checkpoint is compared with its factors undone.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from moequant.verify.decode import Checkpoint, CheckpointError
 from moequant.verify.engine_vllm import check_vllm
 from moequant.verify.reference import ErrorAccumulator, check_unquantized, fail_wrong_tensors
 from moequant.verify.report import ErrorReport, Failure, VerifyResult
+from moequant.verify.smoothing import load_factors
 from moequant.verify.spec import FormatSpec, expected_experts, parse_spec
 
 __all__ = ["ENGINES", "ErrorReport", "Failure", "VerifyResult", "iter_decoded", "main", "verify"]
@@ -124,6 +126,7 @@ def _verify(ckpt: Checkpoint, path, reference, result: VerifyResult) -> VerifyRe
     if spec is None:
         return result
     inv = checks.build_inventory(ckpt)
+    factors = load_factors(path, ckpt.tensors, result)
     errors = None
     if reference is not None:
         try:
@@ -131,7 +134,7 @@ def _verify(ckpt: Checkpoint, path, reference, result: VerifyResult) -> VerifyRe
         except CheckpointError as err:
             result.fail("reference", str(reference), str(err))
             ref = None
-        errors = ErrorAccumulator(ref) if ref is not None else None
+        errors = ErrorAccumulator(ref, factors) if ref is not None else None
     _check_values(ckpt, spec, inv, result, errors)
     checks.check_fused_groups(ckpt, spec, inv, result)
     checks.check_experts(inv, expected_experts(config), result)
@@ -140,7 +143,7 @@ def _verify(ckpt: Checkpoint, path, reference, result: VerifyResult) -> VerifyRe
     checks.check_exclude_list(spec, inv, result, tied_lm_head=tied)
     checks.check_kv(ckpt, spec, inv, result)
     if errors is not None:
-        check_unquantized(ckpt, errors.reference, set(inv.quantized), result)
+        check_unquantized(ckpt, errors.reference, set(inv.quantized), result, factors)
         result.errors = errors.report()
         fail_wrong_tensors(result.errors, result)
         errors.reference.close()

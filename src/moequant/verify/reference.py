@@ -29,6 +29,7 @@ import torch
 
 from moequant.verify.decode import Checkpoint
 from moequant.verify.report import ErrorReport, VerifyResult
+from moequant.verify.smoothing import Factors, check_smoothed_unquantized
 
 OUTLIER_FACTOR = 2.0
 OUTLIER_ABS = 0.5
@@ -38,8 +39,8 @@ _EXPERT = re.compile(r"^(.*\.experts\.\d+)\.")
 
 
 class ErrorAccumulator:
-    def __init__(self, reference: Checkpoint):
-        self.reference = reference
+    def __init__(self, reference: Checkpoint, factors: Factors | None = None):
+        self.reference, self.factors = reference, factors
         self.sums: dict[str, dict[str, list[float]]] = {"tensor": {}, "layer": defaultdict(lambda: [0.0, 0.0]),
                                                         "expert": defaultdict(lambda: [0.0, 0.0])}
 
@@ -52,6 +53,8 @@ class ErrorAccumulator:
         if tuple(ref.shape) != tuple(decoded.shape):
             result.fail("shape", module, f"decodes to {list(decoded.shape)}, reference is {list(ref.shape)}")
             return
+        if self.factors is not None:   # a smoothed checkpoint: compare with its factors undone
+            decoded = self.factors.undo(name, decoded)
         err = float((decoded.to(torch.float64) - ref).square().sum())
         norm = float(ref.square().sum())
         self.sums["tensor"][module] = [err, norm]
@@ -89,8 +92,10 @@ def fail_wrong_tensors(errors: ErrorReport, result: VerifyResult) -> None:
                         "is too small for its group's global scale: re-quantize it (or exclude it)")
 
 
-def check_unquantized(ckpt: Checkpoint, reference: Checkpoint, quantized: set[str], result: VerifyResult) -> None:
-    """Unquantized tensors equal the reference; every reference tensor is present in some form."""
+def check_unquantized(ckpt: Checkpoint, reference: Checkpoint, quantized: set[str], result: VerifyResult,
+                      factors: Factors | None = None) -> None:
+    """Unquantized tensors equal the reference (smoothed ones: once their factors are undone, within one rounding
+    of their dtype); every reference tensor is present in some form."""
     for name, info in sorted(ckpt.tensors.items()):
         module, _, suffix = name.rpartition(".")
         if (module in quantized and suffix != "bias") or name.endswith((".k_scale", ".v_scale")):
@@ -102,6 +107,8 @@ def check_unquantized(ckpt: Checkpoint, reference: Checkpoint, quantized: set[st
         if ref.dtype != info.dtype or ref.shape != info.shape:
             result.fail("dtype", name, f"{info.dtype} {list(info.shape)} but the reference has {ref.dtype} "
                         f"{list(ref.shape)}: unquantized tensors must keep their original dtype")
+        elif factors is not None and name in factors.entries:
+            check_smoothed_unquantized(name, ckpt.get(name), reference.get(name), factors, result)
         elif not torch.equal(ckpt.get(name), reference.get(name)):
             result.fail("unquantized_changed", name, "values differ from the reference")
     for name in sorted(reference.tensors):
