@@ -42,6 +42,7 @@ from moequant.evaluate import evaluate
 from moequant.export import export
 from moequant.quantize_command import load_model
 from moequant.scales import QuantState
+from moequant.smoothing import fold
 
 # name -> (recipe it stands for, calibrate_weights options or None for the shared nvfp4-best run)
 OPTIONS = {
@@ -58,6 +59,7 @@ OPTIONS = {
 RESAMPLES = 2000
 quantize_module = importlib.import_module("moequant.weights")
 CALIB = {"samples": 64, "seq_len": 512}
+SMOOTHING = {"enabled": False, "alpha": 0.5}   # --smoothing ALPHA: the product's channel smoothing (recipe key)
 
 
 def weight_error(state: QuantState) -> float:
@@ -97,7 +99,8 @@ def option_state(model, shared: QuantState, name: str, backend: str = "torch") -
         tensors = {k: replace(s, input_scale=None) for k, s in tensors.items()}
     method = weight_options["method"] if isinstance(weight_options, dict) else \
         "weighted_mse" if weight_options == "rtn" else shared.method
-    return QuantState(shared.plan, tensors, shared.backend, method), time.perf_counter() - start
+    return (QuantState(shared.plan, tensors, shared.backend, method, smoothing=shared.smoothing),
+            time.perf_counter() - start)
 
 
 def bootstrap(nll_o: torch.Tensor, nll_q: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple]]:
@@ -146,6 +149,9 @@ def main() -> None:
                         help="paired bootstrap of two --nll-out files' options (same windows); no run")
     parser.add_argument("--baseline", default=None,
                         help="with --compare: compare every option of B against this option of A")
+    parser.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
+                        help="the recipe key smoothing (enabled, this alpha) for every option: the shared run "
+                             "smooths each layer; the other options search the same smoothed weights")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="another model directory (e.g. bench/smoothing.py's output) instead of the built-in one")
     args = parser.parse_args()
@@ -154,6 +160,8 @@ def main() -> None:
         return
     backend = "torch" if args.device == "cpu" else "auto"
     CALIB["samples"] = args.samples
+    if args.smoothing is not None:
+        SMOOTHING.update(enabled=True, alpha=args.smoothing)
     model_dir = args.model_dir or builtin_model_dir(dense=args.model == "dense")
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
@@ -166,12 +174,15 @@ def main() -> None:
             shared, gptq_seconds = _shared_run(model, model_dir, args.device, backend)
     else:
         shared, gptq_seconds = _shared_run(model, model_dir, args.device, backend)
-    print(f"# layer inputs: {args.inputs}", flush=True)
+    print(f"# layer inputs: {args.inputs}; smoothing: {SMOOTHING}", flush=True)
+    if shared.state.smoothing:   # the options' weights: the model smoothed as each layer was (same arithmetic)
+        fold(model, "", [s for r in shared.state.smoothing for s in r.sites])
     rows, nll_q, nll_o = [], {}, None
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.options.split(","):
             state, seconds = option_state(model, shared.state, name, backend)
-            recipe = load_recipe(OPTIONS[name][0], calibration=CALIB)
+            recipe = load_recipe(OPTIONS[name][0], calibration=CALIB,
+                                 **({"smoothing": SMOOTHING} if SMOOTHING["enabled"] else {}))
             if name.startswith("w4a16"):
                 recipe = load_recipe(recipe, activations="none")
             out = Path(tmp) / name.replace("+", "_")
@@ -232,7 +243,7 @@ def _shared_run(model, model_dir, device: str, backend: str):
     quantize_module.gptq_group = timed
     start = time.perf_counter()
     try:
-        shared = quantize(model, load_recipe("nvfp4-gptq", calibration=CALIB), None,
+        shared = quantize(model, load_recipe("nvfp4-gptq", calibration=CALIB, smoothing=SMOOTHING), None,
                           tokenizer=load_tokenizer(model_dir), device=device, backend=backend)
     finally:
         quantize_module.gptq_group = plain

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--kv-cache", choices=("none", "fp8", "fp8-cast"), help="override the recipe's KV cache")
     q.add_argument("--dead-experts", choices=("coverage", "route_all", "routed"),
                    help="how under-covered experts get activation scales (default: coverage)")
+    q.add_argument("--smoothing", type=float, metavar="ALPHA",
+                   help="fold SmoothQuant channel factors (amax_x^ALPHA / amax_w^(1-ALPHA), 0.5 typical) into each "
+                        "layer before calibrating it: W4A4 / W8A8 recipes; factors saved for the verifier")
     q.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory (and discard a partial run of another model/recipe)")
     q.add_argument("--no-stream", action="store_true",
@@ -103,7 +106,7 @@ def _cmd_quantize(a) -> int:
     outcome = quantize_model(model, Path(a.output) if a.output else None, a.recipe, a.format, calib, samples,
                              seq_len, a.device, a.kv_cache, a.dead_experts, a.overwrite, progress=not a.quiet,
                              log=log, stream=not a.no_stream, revision=a.revision,
-                             trust_remote_code=a.trust_remote_code)
+                             trust_remote_code=a.trust_remote_code, smoothing=a.smoothing)
     if outcome is None:   # torchrun rank > 0: rank 0 prints the summary
         return 0
     print("\n".join(summary_lines(outcome, a.format)))

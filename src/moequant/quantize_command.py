@@ -70,10 +70,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _overrides(samples, seq_len, kv_cache, dead_experts) -> dict:
+def _overrides(samples, seq_len, kv_cache, dead_experts, smoothing=None) -> dict:
     out, calib = {}, {}
     if kv_cache is not None:
         out["kv_cache"] = kv_cache
+    if smoothing is not None:
+        out["smoothing"] = {"enabled": True, "alpha": smoothing}
     if samples is not None:
         calib["samples"] = samples
     if seq_len is not None:
@@ -89,7 +91,7 @@ def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nv
                    calib=None, samples: int | None = None, seq_len: int | None = None, device: str = "auto",
                    kv_cache: str | None = None, dead_experts: str | None = None, overwrite: bool = False,
                    progress: bool = True, log=print, stream: bool = True, revision: str | None = None,
-                   trust_remote_code: bool = False) -> QuantizeOutcome | None:
+                   trust_remote_code: bool = False, smoothing: float | None = None) -> QuantizeOutcome | None:
     """Quantize ``model`` with ``recipe`` and write a verified checkpoint to ``out``.
 
     ``model``: a local model directory or a hub id (``revision``; ``model_ref.resolve_model``).
@@ -99,9 +101,10 @@ def quantize_model(model: str | Path, out: Path | None = None, recipe: str = "nv
     ``stream`` (default): one decoder layer in memory at a time, read from the safetensors shards, with a
     journal next to ``out`` that a rerun of a killed run continues from (``layers/streamed.py``); False: load
     the whole model, then quantize and export it (``layers/in_memory.quantize`` + ``export.export``): same bytes.
+    ``smoothing``: fold SmoothQuant channel factors with this alpha into each layer (``moequant.smoothing``).
     Under ``torchrun`` every rank calls this (``layers/ranks.py``); ranks other than 0 return None."""
     seconds = {}
-    rec = load_recipe(recipe, **_overrides(samples, seq_len, kv_cache, dead_experts))
+    rec = load_recipe(recipe, **_overrides(samples, seq_len, kv_cache, dead_experts, smoothing))
     out = Path(out) if out is not None else Path.cwd() / f"{model_name(model)}-{rec.name}"
     _check_target(out, overwrite)   # before a download: an -o that cannot be written fails at once
     model_dir = resolve_model(model, revision, trust_remote_code=trust_remote_code)
