@@ -241,10 +241,13 @@ def child_modelopt(folder: Path, out: Path, device: str, profile: Path | None = 
     return {"stages": {"import": t1 - t0, "load": t2 - t1, "quantize": t3 - t2, "export": t4 - t3}}
 
 
-def run_child(tool: str, folder: Path, out: Path, device: str, profile: Path | None = None) -> dict:
+def run_child(tool: str, folder: Path, out: Path, device: str, profile: Path | None = None,
+              switch_interval: float | None = None) -> dict:
     """One tool's whole job in a fresh process: wall seconds (from the process start) and its peaks."""
     start = time.perf_counter()
     extra = ["--profile", str(profile)] if profile is not None and tool == "moequant" else []
+    if switch_interval is not None:
+        extra += ["--switch-interval", str(switch_interval)]
     proc = subprocess.run([sys.executable, __file__, "--child", tool, "--dir", str(folder), "--out-dir", str(out),
                            "--device", device, *extra], capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -275,11 +278,16 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the numbers here")
     p.add_argument("--profile", type=Path, help="cProfile moequant's last (warm) run into this file (slows it a little)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each tool (the table shows the fastest)")
+    p.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                   help="the children's sys.setswitchinterval (Python's GIL hand-over period, 0.005 by default): "
+                        "probes whether the reader threads' GIL use slows the compute thread")
     p.add_argument("--child", choices=("moequant", "modelopt"), help=argparse.SUPPRESS)
     p.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     folder = a.dir or Path(f"/tmp/whole_job-{a.size}-{a.layers}")
     if a.child:
+        if a.switch_interval is not None:
+            sys.setswitchinterval(a.switch_interval)
         job = child_moequant if a.child == "moequant" else child_modelopt
         result = job(folder, a.out_dir, a.device, a.profile)
         print(json.dumps({**result, **_peaks(a.device)}))
@@ -298,7 +306,7 @@ def main() -> None:
         runs = []
         for i in range(a.repeats):
             runs.append(run_child(tool, folder, folder.parent / f"{folder.name}-out-{tool}", a.device,
-                                  a.profile if i == a.repeats - 1 else None))   # the warm run
+                                  a.profile if i == a.repeats - 1 else None, a.switch_interval))   # the warm run
             print(tool, json.dumps(runs[-1], indent=None if "error" not in runs[-1] else 1), flush=True)
         results[tool] = min(runs, key=lambda r: r.get("seconds", float("inf")))
         results[tool + "_runs"] = runs
