@@ -240,3 +240,17 @@ def test_tied_embeddings(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
     assert any("'lm_head' names no tensor" in w for w in verify(out).warnings)
+
+
+def test_fp8_scale_check_accepts_exactly_the_finite_positive_codes():
+    """check_exportable's block-scale test (one aminmax over the bytes) against every E4M3 byte, alone and among
+    good ones: 0x01..0x7E pass; 0 (zero), 0x7F (NaN) and 0x80.. (negative, -0, -NaN) fail."""
+    from moequant.export.common import _all_finite_positive
+
+    good = torch.full((7,), 0x38, dtype=torch.uint8)
+    for b in range(256):
+        one = torch.tensor([b], dtype=torch.uint8)
+        want = 1 <= b <= 0x7E
+        assert _all_finite_positive(one.view(torch.float8_e4m3fn)) == want, b
+        assert _all_finite_positive(torch.cat([good, one]).view(torch.float8_e4m3fn)) == want, b
+    assert _all_finite_positive(torch.empty(0, dtype=torch.float8_e4m3fn))
