@@ -104,16 +104,17 @@ def _sq_norm(w: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _nvfp4_scales(target: Target, w, amax, shared_amax, method, backend) -> tuple[TensorScales, str]:
     gs = global_scale_from_amax(shared_amax)
-    block, sq_err, sq_err_max, used = kernels.search_with_max_errors(w, gs, method, backend)
-    return _tensor_scales(target, w, amax, gs, block, sq_err, sq_err_max, method), used
+    block, sq_err, sq_err_max, codes, used = kernels.search_scales_and_codes(w, gs, method, backend)
+    return _tensor_scales(target, w, amax, gs, block, sq_err, sq_err_max, method, codes), used
 
 
-def _tensor_scales(t: Target, w, amax, gs, block, sq_err, sq_err_max, label: str) -> TensorScales:
+def _tensor_scales(t: Target, w, amax, gs, block, sq_err, sq_err_max, label: str, codes=None) -> TensorScales:
     """TensorScales from per-block plain errors at the chosen scales and at "max"'s (summed per expert), with
-    the packed codes of those scales, computed here, where the weight is (the export only writes them)."""
+    the packed codes of those scales (``codes``, or packed here, where the weight is: the export only writes
+    them)."""
     return TensorScales(t.key, "nvfp4", label, amax, gs, block, _per_expert_sum(sq_err, t.kind),
                         _per_expert_sum(sq_err_max, t.kind), _sq_norm(w, t.kind),
-                        codes=kernels.pack_nvfp4(w, gs, block))
+                        codes=kernels.pack_nvfp4(w, gs, block) if codes is None else codes)
 
 
 def _fp8_scales(target: Target, w, amax, shared_amax) -> TensorScales:

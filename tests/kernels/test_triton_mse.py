@@ -108,11 +108,12 @@ def check_case(w: torch.Tensor, gs: torch.Tensor | None, dtype: torch.dtype, dev
         if search is _search:  # quantize's one-launch entry: the same scales and errors, plus max's errors
             from moequant.kernels import triton_mse
 
-            one = triton_mse.search_with_max_errors(w.to(device), gs.to(device), method)
+            one = triton_mse.search_with_max_errors(w.to(device), gs.to(device), method, return_codes=True)
             max_err = weight_squared_error(w, gs, search_block_scales_reference(w, gs, "max"))
             if not (torch.equal(one[0].cpu().view(torch.uint8), ref.view(torch.uint8))
                     and torch.equal(one[1].cpu().view(torch.int32), ref_err.view(torch.int32))
-                    and torch.equal(one[2].cpu().view(torch.int32), max_err.view(torch.int32))):
+                    and torch.equal(one[2].cpu().view(torch.int32), max_err.view(torch.int32))
+                    and torch.equal(one[3].cpu(), ref_codes)):
                 failures.append(f"{method}: search_with_max_errors differs from the reference")
     return failures
 

@@ -94,8 +94,26 @@ def search_with_max_errors(
     return (*torch_mse.search_with_max_errors(w, global_scale, method), used)
 
 
+def search_scales_and_codes(
+    w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse", backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """``search_with_max_errors`` and the packed codes of the chosen scales (``pack_nvfp4``'s, bit-identical):
+    ``(scales, errors, max_errors, codes, backend used)``. Triton writes the codes in the search's own launch
+    (the weight is read once); the torch twin packs them after its search."""
+    used = resolve_backend(backend, w.device)
+    if used == "triton":
+        from moequant.kernels import triton_mse
+
+        scales, errors, max_errors, codes = triton_mse.search_with_max_errors(w, global_scale, method, True)
+        return scales, errors, max_errors, codes, used
+    from moequant.kernels import torch_mse
+
+    scales, errors, max_errors = torch_mse.search_with_max_errors(w, global_scale, method)
+    return scales, errors, max_errors, pack_nvfp4(w, global_scale, scales), used
+
+
 def compile_ahead(device: torch.device, dtype: torch.dtype, method: str, backend: str = "auto") -> bool:
-    """Start compiling the kernel ``search_with_max_errors`` will use for ``dtype`` weights on ``device``, on a
+    """Start compiling the kernel ``search_scales_and_codes`` will use for ``dtype`` weights on ``device``, on a
     side thread, when that backend is Triton (a fresh process otherwise pays the compile at the first weight
     search). Returns whether a compile was started. The first search on that device waits for it."""
     if method not in ("mse", "max") or resolve_backend(backend, torch.device(device)) != "triton":

@@ -359,12 +359,15 @@ def search_block_scales(w: torch.Tensor, global_scale: torch.Tensor, method: str
     return scales, codes, errors
 
 
-def search_with_max_errors(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse"):
+def search_with_max_errors(w: torch.Tensor, global_scale: torch.Tensor, method: str = "mse",
+                           return_codes: bool = False):
     """``(scales, errors, max_errors)``: ``search_block_scales(..., return_errors=True)``'s scales and errors,
     plus the per-block errors the "max" method's scales would give, all from one launch (one compile in a
-    fresh process, one read of the weight): what ``quantize`` reports as the MSE gain."""
-    scales, _, errors, base = _launch(w, global_scale, method, False, True, method != "max", 2)
-    return scales, errors, base if method != "max" else errors
+    fresh process, one read of the weight): what ``quantize`` reports as the MSE gain. ``return_codes``: also
+    the packed codes of the chosen scales, from the same launch (4-tuple)."""
+    scales, codes, errors, base = _launch(w, global_scale, method, return_codes, True, method != "max", 2)
+    out = (scales, errors, base if method != "max" else errors)
+    return (*out, codes) if return_codes else out
 
 
 def search_weighted(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor, return_errors: bool = False,
@@ -387,7 +390,8 @@ _PENDING = Pending("compiling the Triton block-scale search")
 
 
 def compile_in_background(device: torch.device, dtype: torch.dtype, method: str) -> None:
-    """Compile (and run once, on a tiny tensor) ``search_with_max_errors``'s kernel for ``dtype`` weights."""
+    """Compile (and run once, on a tiny tensor) the kernel ``search_with_max_errors(..., return_codes=True)``
+    (what ``quantize`` launches) for ``dtype`` weights."""
     _PENDING.start(device, lambda d: _compile(d, dtype, method))
 
 
@@ -396,7 +400,7 @@ def _compile(device: torch.device, dtype: torch.dtype, method: str) -> None:
         # [1, 16, 256]: block counts that are multiples of 16, as real weights' are (Triton specializes
         # integer arguments on that), so the real launch finds this compile in the cache
         w = torch.zeros(1, 16, 256, dtype=dtype, device=device)
-        _launch(w, torch.ones(1, device=device), method, False, True, method != "max", 2, wait=False)
+        _launch(w, torch.ones(1, device=device), method, True, True, method != "max", 2, wait=False)
         torch.cuda.synchronize(device)
 
 
