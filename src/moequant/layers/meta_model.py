@@ -224,6 +224,50 @@ def read_plan(model: nn.Module, prefix: str, exclude_prefix: str | None = None) 
     return {key: (meta, sources[key]) for key, meta in metas.items()}
 
 
+class LayerPlans:
+    """``read_plan`` of each decoder layer, worked out once per layer structure: a layer whose tensors (names
+    relative to the layer, shapes, dtypes) match an earlier layer's takes that plan with the layer index put into
+    its keys and on-disk names, where every such name exists in the shards (else it is worked out). transformers'
+    conversions rename by pattern and split by shape, so layers of one structure map alike; the on-disk rows are
+    the same. Saves ``disk_sources`` (its conversion of index tensors: ~0.1 s per Qwen3-30B-A3B layer, on the
+    thread that drives the GPU) for every layer after the first of each structure."""
+
+    def __init__(self, model: nn.Module, layers_path: str, source: SafetensorsSource):
+        self.model, self.layers_path, self.source = model, layers_path, source
+        self._known: dict[tuple, tuple[int, dict]] = {}
+
+    def plan(self, i: int) -> dict[str, tuple]:
+        prefix = f"{self.layers_path}.{i}."
+        metas = loadable_keys(self.model, prefix)
+        shape = tuple((k[len(prefix):], tuple(m.shape), m.dtype) for k, m in metas.items())
+        known = self._known.get(shape)
+        if known is not None:
+            derived = _renumbered(known[1], known[0], i, self.layers_path)
+            if derived is not None and all(name in self.source for _, parts in derived.values() for name, _ in parts):
+                return {key: (metas[key], parts) for key, (_, parts) in derived.items()}
+        sources = disk_sources(self.model, metas)
+        plan = {key: (meta, sources[key]) for key, meta in metas.items()}
+        self._known.setdefault(shape, (i, plan))
+        return plan
+
+
+def _renumbered(plan: dict[str, tuple], old: int, new: int, layers_path: str) -> dict[str, tuple] | None:
+    """``plan`` of layer ``old`` for layer ``new``: keys and on-disk names with ``layers.<old>.`` made
+    ``layers.<new>.`` (None where an on-disk name does not hold that once)."""
+    key_from, key_to = f"{layers_path}.{old}.", f"{layers_path}.{new}."
+    leaf = layers_path.rsplit(".", 1)[-1]
+    disk_from, disk_to = f"{leaf}.{old}.", f"{leaf}.{new}."
+    out = {}
+    for key, (meta, parts) in plan.items():
+        renamed = []
+        for name, rows in parts:
+            if name.count(disk_from) != 1:
+                return None
+            renamed.append((name.replace(disk_from, disk_to), rows))
+        out[key_to + key[len(key_from):]] = (meta, renamed)
+    return out
+
+
 def read_tensors(source: SafetensorsSource, plan: dict[str, tuple], device: torch.device | str = "cpu",
                  pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
     """In-memory key -> its tensor read from ``source`` onto ``device`` (``plan``: ``read_plan``), into buffers

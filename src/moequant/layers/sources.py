@@ -16,7 +16,7 @@ import torch
 from moequant.export.common import unquantized_tensors
 from moequant.layers.inputs import on_device
 from moequant.layers.job import Job, timed
-from moequant.layers.meta_model import BufferPool, free, install, read_plan, read_tensors, release_heap
+from moequant.layers.meta_model import BufferPool, LayerPlans, free, install, read_tensors, release_heap
 from moequant.safetensors_source import SafetensorsSource
 
 
@@ -48,13 +48,14 @@ class ShardLayers:
     def __init__(self, job: Job, shards: SafetensorsSource, seconds: dict[str, float], prefetch: bool = True):
         self.job, self.shards, self.seconds = job, shards, seconds
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-read") if prefetch else None
+        self._plans = LayerPlans(job.model, job.layers_path, shards)
         self._ahead: dict[int, Future] = {}
         # on a CPU, finished layers' weights are read into again (meta_model.BufferPool); a GPU's caching
         # allocator already reuses device memory
         self._buffers = BufferPool() if job.device.type == "cpu" else None
 
     def _start_read(self, i: int):
-        plan = read_plan(self.job.model, self.job.layer_path(i) + ".")
+        plan = self._plans.plan(i)
         if self._pool is None:
             return plan, None
         return plan, self._pool.submit(read_tensors, self.shards, plan, self.job.device, self._buffers)
