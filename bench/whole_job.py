@@ -45,6 +45,7 @@ SIZES = {  # hidden, experts, top-k, moe_intermediate, heads, kv heads, head_dim
 RECIPE, MODELOPT_RECIPE = "nvfp4-experts-only-mse", "general/ptq/nvfp4_experts_only_mse-kv_fp8_cast"
 SAMPLES, SEQ_LEN, BATCH = 16, 512, 8
 BUILD_FILE = "whole_job_build.json"
+BYTECODE_CACHE: list[str] = []   # --bytecode-cache DIR, for the children
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -248,8 +249,12 @@ def run_child(tool: str, folder: Path, out: Path, device: str, profile: Path | N
     extra = ["--profile", str(profile)] if profile is not None and tool == "moequant" else []
     if switch_interval is not None:
         extra += ["--switch-interval", str(switch_interval)]
+    env = dict(os.environ)
+    if BYTECODE_CACHE:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = BYTECODE_CACHE[0]
     proc = subprocess.run([sys.executable, __file__, "--child", tool, "--dir", str(folder), "--out-dir", str(out),
-                           "--device", device, *extra], capture_output=True, text=True)
+                           "--device", device, *extra], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -278,6 +283,10 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the numbers here")
     p.add_argument("--profile", type=Path, help="cProfile moequant's last (warm) run into this file (slows it a little)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each tool (the table shows the fastest)")
+    p.add_argument("--bytecode-cache", type=Path, default=None, metavar="DIR",
+                   help="let the children write and reuse compiled bytecode there (PYTHONPYCACHEPREFIX; "
+                        "PYTHONDONTWRITEBYTECODE dropped), as an installed environment has it; with --repeats 2 "
+                        "the first run of each tool fills it")
     p.add_argument("--switch-interval", type=float, default=None, metavar="S",
                    help="the children's sys.setswitchinterval (Python's GIL hand-over period, 0.005 by default): "
                         "probes whether the reader threads' GIL use slows the compute thread")
@@ -292,6 +301,8 @@ def main() -> None:
         result = job(folder, a.out_dir, a.device, a.profile)
         print(json.dumps({**result, **_peaks(a.device)}))
         return
+    if a.bytecode_cache is not None:
+        BYTECODE_CACHE.append(str(a.bytecode_cache))
     t = time.perf_counter()
     model_bytes = build(folder, a.size, a.layers)
     print(f"model: {folder} ({model_bytes / 1e9:.2f} GB, built/checked in {time.perf_counter() - t:.1f} s)",
@@ -316,7 +327,8 @@ def main() -> None:
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
     card = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
-    bytecode = "off: every process compiles its imports" if sys.flags.dont_write_bytecode else "on"
+    bytecode = (f"cached in {a.bytecode_cache} (written by each tool's first run)" if a.bytecode_cache
+                else "off: every process compiles its imports" if sys.flags.dont_write_bytecode else "on")
     print(f"\n{card}; {a.size} x {a.layers} layers, {model_bytes / 1e9:.2f} GB bf16; {SAMPLES} x {SEQ_LEN} tokens; "
           f"bytecode {bytecode}")
     print("| job | seconds | GB/s | x floor | peak RSS GiB | peak GPU GiB |\n|---|---|---|---|---|---|")
