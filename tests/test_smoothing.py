@@ -162,3 +162,21 @@ def test_verifier_fails_without_or_with_wrong_factors(smoothed, tmp_path):
     tensors["f0"][3] = float("nan")
     save_file(tensors, str(path), metadata=meta)
     assert any(f.check == "smoothing" for f in verify(wrong).failures)
+
+
+def test_evaluation_loads_the_shipped_norms_and_routers(smoothed):
+    """moequant eval's model is what ships: the smoothed norms and router from the checkpoint, not the source's
+    (with the source's, a smoothed checkpoint evaluates as a broken model: perplexity 1.8e5 on the built-in MoE)."""
+    from moequant.fake_quant_model import load_fake_quantized, load_original
+
+    root, _ = smoothed
+    held = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    quantized = load_fake_quantized(root / "src", root / "out", "cpu")
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    shard = json.loads((root / "out" / "model.safetensors.index.json").read_text())["weight_map"][norm]
+    assert torch.equal(quantized.state_dict()[norm], load_file(root / "out" / shard)[norm])
+    with torch.no_grad():
+        logp = load_original(root / "src", "cpu")(input_ids=held).logits.log_softmax(-1)
+        logq = quantized(input_ids=held).logits.log_softmax(-1)
+    kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
+    assert kl < 0.02, kl   # NVFP4 W4A4 on this tiny model: ~0.005 (with the source's norms: ~0.04)

@@ -109,6 +109,7 @@ def load_fake_quantized(model_dir, checkpoint, device, trust_remote_code: bool =
     model = load_original(model_dir, "cpu", trust_remote_code)
     plan = discover(model)
     ckpt, scheme, static_inputs = _spec(checkpoint)
+    _load_unquantized(model, plan, checkpoint)
     where = {s.name.removesuffix(".weight"): (t, s) for t in plan.targets for s in t.slices}
     seen = set()
     for module, decoded in iter_decoded(checkpoint):
@@ -128,6 +129,23 @@ def load_fake_quantized(model_dir, checkpoint, device, trust_remote_code: bool =
             raise CheckpointError(f"{checkpoint}: {target.key} is only partly present in the checkpoint")
         _attach_activation_quant(model, target, ckpt, scheme if static_inputs and activations else None, ranges)
     return model.to(device).eval()
+
+
+def _load_unquantized(model: nn.Module, plan, checkpoint) -> None:
+    """Every tensor the checkpoint ships unquantized (norms, routers, embeddings, excluded linears) into
+    ``model``, by the on-disk names transformers' conversion gives them: a smoothed checkpoint's norms and
+    routers differ from the source's on purpose (``moequant.smoothing``), and what is evaluated is what ships."""
+    from moequant.layers.meta_model import disk_sources, loadable_keys, read_tensors
+    from moequant.safetensors_source import SafetensorsSource
+
+    targets = {t.key for t in plan.targets}
+    metas = {k: v for k, v in loadable_keys(model, "").items() if k not in targets}
+    sources = disk_sources(model, metas)
+    values = read_tensors(SafetensorsSource(checkpoint), {k: (metas[k], sources[k]) for k in metas}, "cpu")
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in values.items():
+            state[key].copy_(value)
 
 
 def _attach_activation_quant(model, target, ckpt: Checkpoint, scheme: str | None, ranges: list | None) -> None:
