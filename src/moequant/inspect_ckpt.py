@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from moequant.model_ref import read_config_json
-from moequant.verify.decode import Checkpoint
+from moequant.verify.decode import Checkpoint, read_header
+from moequant.verify.smoothing import SMOOTHING_FILE
 
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
@@ -63,6 +64,12 @@ def inspect_checkpoint(path: Path) -> list[str]:
             if cov["under_covered"]:
                 lines.append(f"  under-covered at calibration, {cov['path']}: " + ", ".join(
                     f"expert {e} ({n} tokens) -> {what}" for e, n, what in cov["under_covered"]))
+    smoothing = path / SMOOTHING_FILE
+    if smoothing.is_file():
+        sites = json.loads(read_header(smoothing).get("__metadata__", {}).get("sites", "[]"))
+        kinds = Counter(kind for _, _, kind in sites)
+        lines.append(f"  smoothed: {len(sites)} sites ({kinds['norm']} norms, {kinds['down']} down projections); "
+                     f"factors in {SMOOTHING_FILE} (verify --reference undoes them)")
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     lines.append(f"  size: {size / 2**20:.1f} MiB")
     return lines

@@ -57,6 +57,8 @@ def test_quantize_with_smoothing_verifies_against_the_source(family, model_dir, 
     assert (out / "moequant_smoothing" / "factors.safetensors").is_file()
     assert main(["verify", str(out), "--reference", str(src), "--json"]) == 0
     capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert re.search(r"smoothed: \d+ sites \(\d+ norms, \d+ down projections\)", capsys.readouterr().out)
     assert main(["eval", str(src), "--quantized", str(out), "--data", str(heldout), "--windows", "2",
                  "--seq-len", "32", "--device", "cpu", "--quiet"]) == 0
     kl = float(re.search(r"KL\(original \|\| quantized\): ([\d.e-]+)", capsys.readouterr().out).group(1))
