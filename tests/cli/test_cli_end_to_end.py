@@ -46,13 +46,14 @@ def test_inspect_unquantized_model_dir(model_dir, capsys):
     assert "not quantized" in out and "16 experts in all" in out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
-def test_quantize_with_smoothing_verifies_against_the_source(family, model_dir, heldout, tmp_path, capsys):
+@pytest.mark.parametrize("family,fmt", [("mixtral", "modelopt"), ("deepseek_v3", "compressed-tensors")])
+def test_quantize_with_smoothing_verifies_against_the_source(family, fmt, model_dir, heldout, tmp_path, capsys):
     """--smoothing: the streamed job folds the factors into each layer; the checkpoint ships the smoothed norms and
     routers with moequant_smoothing/factors.safetensors, and verify --reference undoes them (Mixtral: its router
     is renamed on disk, DeepSeek-V3: MLA's own norms)."""
     src, out = model_dir(family), tmp_path / "ckpt"
-    assert main(["quantize", str(src), "-o", str(out), "--recipe", "nvfp4-best", "--smoothing", "0.5", *FAST]) == 0
+    assert main(["quantize", str(src), "-o", str(out), "--recipe", "nvfp4-best", "--smoothing", "0.5", "--format", fmt,
+                 *FAST]) == 0
     assert "verify              OK" in capsys.readouterr().out
     assert (out / "moequant_smoothing" / "factors.safetensors").is_file()
     assert main(["verify", str(out), "--reference", str(src), "--json"]) == 0

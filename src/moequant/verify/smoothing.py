@@ -3,7 +3,8 @@
 ``moequant_smoothing/factors.safetensors`` (written by a run with the recipe key ``smoothing``; its layout is in
 docs/checkpoint-formats.md, "Smoothing factors"): tensors ``f<n>`` (float32 [K] or [E, K]) and the metadata
 ``entries``: {on-disk tensor name: [[factor, axis, divide, expert, offset], ...]}: along ``axis`` of that tensor
-(a quantized one: of its decoded [out, in] weight), element ``r`` was divided (``divide``) or multiplied by
+(a quantized module's ``<m>.weight``, whatever the format stores (compressed-tensors: ``weight_packed``): of its
+decoded [out, in] weight), element ``r`` was divided (``divide``) or multiplied by
 ``factor[expert][offset + r]``. Undoing multiplies where it divided and divides where it multiplied.
 
 Checks (``smoothing``): the file reads, its factors are finite and > 0, every entry names a tensor of the
@@ -64,7 +65,7 @@ def load_factors(path: Path, tensors: dict, result: VerifyResult) -> Factors | N
             result.fail("smoothing", f"{SMOOTHING_FILE}:{key}", "factors must be finite float32 > 0")
             ok = False
     for name, found in sorted(entries.items()):
-        if name not in tensors:
+        if name not in tensors and f"{name}_packed" not in tensors:   # compressed-tensors: <m>.weight_packed
             result.fail("smoothing", name, f"listed in {SMOOTHING_FILE} but not a tensor of the checkpoint")
             ok = False
         for key, axis, _divide, expert, offset in found:
