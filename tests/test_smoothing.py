@@ -180,3 +180,22 @@ def test_evaluation_loads_the_shipped_norms_and_routers(smoothed):
         logq = quantized(input_ids=held).logits.log_softmax(-1)
     kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
     assert kl < 0.02, kl   # NVFP4 W4A4 on this tiny model: ~0.005 (with the source's norms: ~0.04)
+
+
+@torch.no_grad()
+def test_experts_with_few_routed_tokens_keep_factor_one_on_their_down_site():
+    """A down site's factors come from each expert's own routed tokens; an expert with fewer than min_tokens
+    (here: the biased router's dead experts 6 and 7, and the rare ones) is left as it is (factor 1)."""
+    from biased_models import biased
+
+    model = biased("qwen3_moe").eval()
+    job, _ = start_job(model, load_recipe("nvfp4-best"), None, "torch", True)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    inputs = capture_layer_inputs(model, job.layers[0], job.layer_path(0), list(ids.split(2)), torch.device("cpu"))
+    quantized = {t.module_path for t in job.targets_of(0)}
+    smoothing, folded = smooth_layer(job.layers[0], job.layer_path(0), inputs, quantized, job.containers, 0.5, 16)
+    down = next(s for s in smoothing.sites if s.kind == "down")
+    ones = (down.factor == 1).all(-1)
+    assert bool(ones[6]) and bool(ones[7]), "dead experts keep factor 1"
+    assert not bool(ones.all()), "experts with enough routed tokens are smoothed"
+    folded.restore()

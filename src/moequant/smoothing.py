@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moequant.channel_stats import _routed_tokens
 from moequant.models.experts import ExpertsContainer
 
 FOLD_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}   # other dtypes (bf16, fp16): DEFAULT_TOLERANCE
@@ -218,12 +219,15 @@ def _experts_down(store: dict, counts: dict, c: ExpertsContainer, signature):
         w = c.canonical(c.layout.gate_up)                                               # [E, 2I, H]
         amax = store.setdefault(c.path, torch.zeros(c.num_experts, c.intermediate, device=x.device))
         n = counts.setdefault(c.path, torch.zeros(c.num_experts, dtype=torch.int64, device=x.device))
-        for e in range(c.num_experts):
-            rows = (index == e).any(-1).nonzero().reshape(-1)
-            if rows.numel():
-                inner = c.module._apply_gate(F.linear(x[rows], w[e])).detach().abs().amax(0).float()
-                amax[e] = torch.maximum(amax[e], inner)
-                n[e] += rows.numel()
+        expert = index.reshape(-1)
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
+        valid = (expert >= 0) & (expert < c.num_experts)   # expert-parallel sentinels are not experts
+        token, expert = token[valid], expert[valid]
+        routed = torch.bincount(expert, minlength=c.num_experts)
+        n += routed
+        for e, rows in _routed_tokens(token, expert, routed):   # one sort, one sync per call
+            inner = c.module._apply_gate(F.linear(x[rows], w[e])).detach().abs().amax(0).float()
+            amax[e] = torch.maximum(amax[e], inner)
     return hook
 
 
