@@ -199,3 +199,18 @@ def test_experts_with_few_routed_tokens_keep_factor_one_on_their_down_site():
     assert bool(ones[6]) and bool(ones[7]), "dead experts keep factor 1"
     assert not bool(ones.all()), "experts with enough routed tokens are smoothed"
     folded.restore()
+
+
+def test_builtin_smooth_gptq_recipe_verifies(tmp_path):
+    """nvfp4-smooth-gptq: GPTQ's X^T X observed on the smoothed layer, its codes on the smoothed weights; the
+    checkpoint verifies against the unsmoothed source."""
+    model = build("mixtral").eval()
+    model.save_pretrained(tmp_path / "src")
+    recipe = load_recipe("nvfp4-smooth-gptq", calibration=SMOOTH["calibration"])
+    result = quantize(model, recipe, IDS, batch_size=4)
+    assert result.state.smoothing and result.state.method == "gptq"
+    status = [int(v) for s in result.state.tensors.values() for v in s.gptq_status.reshape(-1)]
+    assert 0 in status   # GPTQ codes (status 0) for the tensors with enough tokens
+    export(model, result.state, tmp_path / "out", recipe=recipe)
+    checked = verify(tmp_path / "out", reference=tmp_path / "src")
+    assert checked.ok, checked.failures[:3]
