@@ -102,7 +102,7 @@ def test_a_fold_that_changes_the_output_is_undone_and_listed():
 
 def test_recipe_key_is_checked():
     rec = load_recipe("nvfp4-best", smoothing={"enabled": True, "alpha": 0.7})
-    assert rec.smoothing.alpha == 0.7 and rec.to_dict()["smoothing"] == {"enabled": True, "alpha": 0.7}
+    assert rec.smoothing.alpha == 0.7 and rec.to_dict()["smoothing"] == {"enabled": True, "alpha": 0.7, "down": True}
     for bad, words in [({"alpha": 1.5}, "<= 1.0"), ({"alpha": "half"}, "a number"), ({"alfa": 0.5}, "unknown key")]:
         with pytest.raises(RecipeError, match=words):
             load_recipe("nvfp4-best", smoothing=bad)
@@ -214,3 +214,15 @@ def test_builtin_smooth_gptq_recipe_verifies(tmp_path):
     export(model, result.state, tmp_path / "out", recipe=recipe)
     checked = verify(tmp_path / "out", reference=tmp_path / "src")
     assert checked.ok, checked.failures[:3]
+
+
+@torch.no_grad()
+def test_norm_sites_only_when_down_is_off():
+    model = build("qwen3_moe").eval()
+    job, inputs = _layer0(model)
+    quantized = {t.module_path for t in job.targets_of(0)}
+    smoothing, folded = smooth_layer(job.layers[0], job.layer_path(0), inputs, quantized, job.containers, 0.5, 2,
+                                     down=False)
+    assert smoothing.sites and {s.kind for s in smoothing.sites} == {"norm"}
+    folded.restore()
+    assert load_recipe("nvfp4-best", smoothing={"enabled": True, "down": False}).smoothing.down is False

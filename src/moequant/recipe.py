@@ -15,7 +15,7 @@ file name and line. Defaults live only in these dataclasses; a YAML file states 
     kv_cache:    none | fp8 | fp8-cast       fp8: calibrated k/v scales (amax / 448); fp8-cast: scales 1.0
     calibration: {dead_experts: coverage | route_all | routed, min_tokens, input_floor: layer | none,
                   samples, seq_len, seed}   (input_floor: moequant.calibrate, the experts' layer floor)
-    smoothing:   {enabled: bool, alpha: float in [0, 1]}   SmoothQuant channel factors folded into the layer
+    smoothing:   {enabled: bool, alpha: float in [0, 1], down: bool}   SmoothQuant channel factors folded into the layer
                                           before its calibration (moequant.smoothing); W4A4 / W8A8 only
 
 ``include``/``exclude`` apply after structural discovery (``discover``), to ``Target.module_path`` with
@@ -67,6 +67,7 @@ class CalibrationSpec:
 class SmoothingSpec:
     enabled: bool = False
     alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})   # s = amax_x^alpha / amax_w^(1-alpha)
+    down: bool = True    # also the down projections' inputs (up rows / s, down columns * s), else the norms' only
 
 
 @dataclass(frozen=True)

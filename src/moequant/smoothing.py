@@ -391,17 +391,19 @@ def down_sites(layer: nn.Module, path: str, quantized: set[str],
 
 def smooth_layer(layer: nn.Module, path: str, inputs: list, quantized_modules: set[str],
                  containers: Mapping[str, ExpertsContainer], alpha: float, min_tokens: int,
-                 reduce: Callable[[dict, dict], None] | None = None) -> tuple[Smoothing, Folded | None]:
+                 reduce: Callable[[dict, dict], None] | None = None,
+                 down: bool = True) -> tuple[Smoothing, Folded | None]:
     """Smooth decoder layer ``layer`` (module path ``path``) in place; ``inputs`` (``LayerInput``) get the
     unsmoothed layer's outputs. ``quantized_modules``: module paths of the layer's quantized targets.
-    ``reduce(amax, tokens)``: MAX / SUM of the statistics across torchrun ranks, in place. Returns the record
+    ``reduce(amax, tokens)``: MAX / SUM of the statistics across torchrun ranks, in place. ``down``: also the
+    down sites (else the norm sites only). Returns the record
     and the ``Folded`` originals (None when nothing was folded)."""
     if not inputs:
         return Smoothing(), None
     containers = {p: c for p, c in containers.items() if p.startswith(path + ".")}
     trace = trace_layer(layer, path, inputs[0])
     norms, skipped = norm_sites(layer, path, trace, quantized_modules, containers)
-    downs = down_sites(layer, path, quantized_modules, containers)
+    downs = down_sites(layer, path, quantized_modules, containers) if down else []
     first = inputs[0].hidden
     stats = observe_sites(layer, path, inputs, norms, downs, containers)
     if reduce is not None:

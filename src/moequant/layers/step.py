@@ -79,7 +79,8 @@ def _smooth(job: Job, i: int, inputs: list[LayerInput], targets: list[Target], r
     spec = job.recipe.smoothing
     reduce = ranks.reduce_smoothing if ranks is not None else None
     smoothing, folded = smooth_layer(job.layers[i], job.layer_path(i), inputs, {t.module_path for t in targets},
-                                     job.containers, spec.alpha, job.recipe.calibration.min_tokens, reduce)
+                                     job.containers, spec.alpha, job.recipe.calibration.min_tokens, reduce,
+                                     down=spec.down)
     next_hidden = [inp.hidden for inp in inputs]
     for inp, hidden in zip(inputs, originals):
         inp.hidden = hidden
