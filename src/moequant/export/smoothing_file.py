@@ -43,8 +43,9 @@ def _disk_name(model: nn.Module, param: str, tensor: torch.Tensor) -> str:
     return names[0]
 
 
-def _quantized_entries(target, scaled, key: str) -> list[tuple[str, list]]:
-    """Entries of a quantized target's on-disk tensors for one ``Scaled`` (canonical axes: rows = N, cols = K)."""
+def _quantized_entries(target, scaled, k: int, key: str) -> list[tuple[str, list]]:
+    """Entries of a quantized target's on-disk tensors for one ``Scaled`` whose factor has ``k`` channels
+    (canonical axes: rows = N, cols = K)."""
     rows_axis = 2 if target.transposed else 1   # stored dimension of N (fused experts); a linear: 0
     out = []
     for sl in target.slices:
@@ -57,7 +58,6 @@ def _quantized_entries(target, scaled, key: str) -> list[tuple[str, list]]:
             out.append((sl.name, [key, 1, scaled.divide, expert, 0]))
             continue
         start, stop, step = sl.rows
-        k = scaled.k
         if stop <= scaled.start or start >= scaled.start + k:
             continue   # e.g. the gate rows of a gate_up whose up rows take the factor
         if step != 1 or start < scaled.start or stop > scaled.start + k:
@@ -77,7 +77,7 @@ def smoothing_file(model: nn.Module, plan: Plan, records: list) -> tuple[dict[st
             sites.append([key, site.producer, site.kind])
             for scaled in site.scaled:
                 if scaled.param in targets:
-                    found = _quantized_entries(targets[scaled.param], _Sized(scaled, site.factor.shape[-1]), key)
+                    found = _quantized_entries(targets[scaled.param], scaled, site.factor.shape[-1], key)
                 else:
                     value = record.changed[scaled.param]
                     found = [(_disk_name(model, scaled.param, value),
@@ -86,14 +86,6 @@ def smoothing_file(model: nn.Module, plan: Plan, records: list) -> tuple[dict[st
                     entries.setdefault(name, []).append(entry)
     metadata = {"format": FORMAT, "sites": json.dumps(sites), "entries": json.dumps(entries, sort_keys=True)}
     return tensors, metadata
-
-
-class _Sized:
-    """A ``Scaled`` with its factor length."""
-
-    def __init__(self, scaled, k: int):
-        self.axis, self.divide, self.per_expert, self.start, self.k = (scaled.axis, scaled.divide,
-                                                                       scaled.per_expert, scaled.start, k)
 
 
 def write_smoothing_file(model: nn.Module, plan: Plan, records: list, out_dir: Path) -> None:

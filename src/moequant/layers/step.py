@@ -11,9 +11,9 @@ weights (the observed forward runs the unquantized layer either way, so the orde
 observed forward's outputs replace ``inputs[k].hidden``: they are the next layer's inputs. With the recipe's
 ``smoothing`` the layer is first smoothed in place (``moequant.smoothing``: one forward of the original layer
 gives the factors' statistics and the next layer's inputs), then observed and quantized as above, then
-restored. Statistics live in this call only, so nothing grows with depth. Under torchrun (``ranks.Ranks``) each rank observes its batches and
-searches its share of the weight work; the ranks exchange statistics and results, and rank 0's result is the
-whole layer's (other ranks return their own share, which nobody writes).
+restored. Statistics live in this call only, so nothing grows with depth. Under torchrun (``ranks.Ranks``) each
+rank observes its batches and searches its share of the weight work; the ranks exchange statistics and
+results, and rank 0's result is the whole layer's (other ranks return their own share, which nobody writes).
 """
 
 from __future__ import annotations
