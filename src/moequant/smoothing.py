@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moequant.calibrate import _routing
 from moequant.channel_stats import _routed_tokens
 from moequant.models.experts import ExpertsContainer
 
@@ -213,9 +214,7 @@ def _channel_max(store: dict, key, x: torch.Tensor) -> None:
 def _experts_down(store: dict, counts: dict, c: ExpertsContainer, signature):
     """Pre-hook: per expert, the channel amax of its down input ``act(gate) * up`` over its routed tokens."""
     def hook(_m, args, kwargs):
-        values = list(signature.bind(*args, **kwargs).arguments.values())
-        x = values[0].reshape(-1, values[0].shape[-1])
-        index = values[1].reshape(x.shape[0], -1)
+        x, index = _routing(c, signature, args, kwargs)   # [T, H], [T, k]: as the activation observers read them
         w = c.canonical(c.layout.gate_up)                                               # [E, 2I, H]
         amax = store.setdefault(c.path, torch.zeros(c.num_experts, c.intermediate, device=x.device))
         n = counts.setdefault(c.path, torch.zeros(c.num_experts, dtype=torch.int64, device=x.device))
