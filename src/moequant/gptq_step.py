@@ -46,14 +46,15 @@ class GptqInput:
 
 
 def gptq_scales(target: Target, w: torch.Tensor, scales: TensorScales, inp: GptqInput,
-                backend: str = "torch") -> TensorScales:
+                backend: str = "torch", act_order: bool = False) -> TensorScales:
     """``scales`` (weighted_mse's, with its round-to-nearest codes) with GPTQ's codes where ``inp`` allows;
-    ``backend``: "torch" or "triton" (``kernels.torch_gptq.gptq_codes``)."""
+    ``backend``: "torch" or "triton", ``act_order``: columns by decreasing input energy
+    (``kernels.torch_gptq.gptq_codes``)."""
     use = inp.status.to(w.device) == GPTQ
     if not bool(use.any()):
         return replace(scales, gptq_status=inp.status.clone())
     codes, ok = gptq_codes(w, scales.global_scale, scales.block_scale, inp.xtx, use, tokens=inp.tokens,
-                           backend=backend)
+                           backend=backend, act_order=act_order)
     return _with_codes(target, w, scales, inp, use, codes, ok)
 
 
@@ -73,17 +74,18 @@ def _stackable(targets: list[Target], scales: list[TensorScales], inps: list[Gpt
 
 
 def gptq_group(targets: list[Target], ws: list[torch.Tensor], scales: list[TensorScales],
-               inps: list[GptqInput], backend: str = "torch") -> list[TensorScales]:
+               inps: list[GptqInput], backend: str = "torch", act_order: bool = False) -> list[TensorScales]:
     """``gptq_scales`` of each target; linears reading one input (see ``_stackable``) run as one call with their
     rows stacked ``[sum N, K]``, giving the codes separate calls give."""
     if len(targets) < 2 or not _stackable(targets, scales, inps):
-        return [gptq_scales(t, w, s, i, backend) for t, w, s, i in zip(targets, ws, scales, inps)]
+        return [gptq_scales(t, w, s, i, backend, act_order) for t, w, s, i in zip(targets, ws, scales, inps)]
     inp = inps[0]
     use = inp.status.to(ws[0].device) == GPTQ
     if not bool(use):
         return [replace(s, gptq_status=inp.status.clone()) for s in scales]
     w = torch.cat([x.detach() for x in ws])                                         # [sum N, K]
     block = torch.cat([s.block_scale for s in scales])                               # [sum N, K/16]
-    codes, ok = gptq_codes(w, scales[0].global_scale, block, inp.xtx, use, tokens=inp.tokens, backend=backend)
+    codes, ok = gptq_codes(w, scales[0].global_scale, block, inp.xtx, use, tokens=inp.tokens, backend=backend,
+                           act_order=act_order)
     parts = codes.split([x.shape[0] for x in ws])
     return [_with_codes(t, x, s, inp, use, c, ok) for t, x, s, c in zip(targets, ws, scales, parts)]

@@ -132,6 +132,7 @@ def calibrate_weights(
     model: nn.Module, plan: Plan | None = None, scheme: str | None = None, method: str = "mse",
     backend: str = "auto", progress: bool = False, channel_weights: dict[str, torch.Tensor] | None = None,
     global_search: bool = False, four_over_six: bool = False, hessians: dict[str, GptqInput] | None = None,
+    act_order: bool = False,
 ) -> QuantState:
     """Weight scales of every target of ``plan`` (default: ``discover(model)``), no data needed.
 
@@ -139,7 +140,7 @@ def calibrate_weights(
     method ("mse": exact 126-candidate search; "max"). ``backend``: see ``moequant.kernels``.
     The model is only read. Deterministic: the same weights give the same bytes.
     ``channel_weights`` (target key -> ``[K]`` / ``[E, K]`` mean squared activations) feed "weighted_mse" and
-    "gptq"; ``hessians`` (target key -> ``gptq_step.GptqInput``) feed "gptq";
+    "gptq"; ``hessians`` (target key -> ``gptq_step.GptqInput``) feed "gptq", ``act_order`` its column order;
     ``global_search`` / ``four_over_six``: see the module docstring.
     """
     from moequant.discover import discover  # local: discover imports transformers-specific helpers
@@ -156,7 +157,8 @@ def calibrate_weights(
     shared = group_amax(plan, amax)
     tensors, used = {}, set()
     if method in ("weighted_mse", "gptq") or global_search or four_over_six:
-        options = _Options(method, backend, channel_weights or {}, global_search, four_over_six, hessians or {})
+        options = _Options(method, backend, channel_weights or {}, global_search, four_over_six, hessians or {},
+                           act_order)
         nvfp4 = [t for t in plan.targets if (scheme or t.scheme) == "nvfp4"]
         used.update(_searched_scales(nvfp4, weights, amax, shared, options, tensors))
     for t in _progress(plan.targets, progress, "weight scales"):
@@ -179,6 +181,7 @@ class _Options:
     global_search: bool
     four_over_six: bool
     hessians: dict
+    act_order: bool = False
 
     @property
     def label(self) -> str:
@@ -241,7 +244,7 @@ def _gptq_codes(members: list[Target], weights: dict, options: _Options, out: di
                              "(moequant.quantize with calibration data)")
     used = kernels.resolve_backend(options.backend, weights[members[0].key].device)
     done = gptq_group(members, [weights[t.key] for t in members], [out[t.key] for t in members],
-                      [options.hessians[t.key] for t in members], used)
+                      [options.hessians[t.key] for t in members], used, options.act_order)
     out.update({t.key: scales for t, scales in zip(members, done)})
     return {used}
 

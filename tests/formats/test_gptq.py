@@ -93,3 +93,20 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     assert torch.allclose(u.transpose(1, 2) @ u @ damped, eye, atol=1e-9)
     textbook = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     assert torch.allclose(u, textbook, rtol=1e-10, atol=1e-12 * float(textbook.abs().max()))
+
+
+def test_column_order_and_its_inverse():
+    h = torch.diag(torch.tensor([1.0, 5.0, 5.0, 0.5, 9.0], dtype=torch.float64))
+    order = gptq.column_order(h)
+    assert order.tolist() == [4, 1, 2, 0, 3]                     # decreasing H_kk, ties in index order
+    x = torch.arange(10.0).reshape(2, 5)
+    assert torch.equal(gptq.permute_columns(x, order)[0], torch.tensor([4.0, 1.0, 2.0, 0.0, 3.0]))
+    assert torch.equal(gptq.unpermute_columns(gptq.permute_columns(x, order), order), x)
+    assert torch.equal(gptq.permute_columns(h, order, square=True).diagonal(),
+                       torch.tensor([9.0, 5.0, 5.0, 1.0, 0.5], dtype=torch.float64))
+
+
+def test_act_order_with_diagonal_h_is_still_round_to_nearest():
+    w, gs, bs, h = problem(None, 16, 64, 256, 7)
+    diag = torch.diag(h.diagonal())
+    assert torch.equal(gptq.gptq_codes_reference(w, gs, bs, diag, act_order=True)[0], quantize_nvfp4(w, gs, bs))

@@ -51,6 +51,16 @@ def test_ill_conditioned_codes_equal_too(seed):
     assert torch.equal(plain, fast)
 
 
+@pytest.mark.parametrize("mix", [1.0, 20.0])
+def test_act_order_codes_equal_too(mix):
+    """Permuted columns carry their own element scales into the sweep: the Triton blocks then mix NVFP4 blocks."""
+    w, gs, bs, h = problem(3, 40, 256, 300 if mix > 1 else 1024, 4, mix=mix)
+    use = torch.tensor([True, False, True])
+    plain, fast = _both(w, gs, bs, h, use, act_order=True)
+    assert torch.equal(plain, fast)
+    assert not torch.equal(fast, _both(w, gs, bs, h, use)[1])
+
+
 def test_linear_weight_and_unused_experts():
     plain, fast = _both(*problem(None, 70, 160, 1024, 2))
     assert torch.equal(plain, fast)

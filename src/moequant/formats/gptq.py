@@ -36,6 +36,13 @@ Arithmetic (float64 unless said; ``w`` is converted to float32 first, exactly, t
   5. results: the codes (uint8 ``[N, K]``; ``dequantize_nvfp4(codes, g, S)`` is what ships) and the plain
      per-block squared error of the shipped weights, ``code_block_squared_error`` (``nvfp4``'s order).
 
+Column order (``weights.act_order``, GPTQ's "act order"): the columns may be taken in any order, because each
+keeps its own fixed scale (the usual conflict of act order with grouped scales, scales computed group by group
+as the sweep goes, does not arise). With ``act_order`` the columns go by decreasing ``H_kk`` (``column_order``):
+steps 1-4 run on ``W``, the element scales and ``H`` permuted alike, and the codes are put back in place. The
+largest inputs are rounded while all other columns can still absorb their error. Measured on the built-in
+models (docs/quality.md): the W4A4 gap cut by GPTQ grows from 13-14% to 20% (dense); with smoothing it is most
+of the difference between the targets missed and met.
 With a diagonal ``H`` (no correlation known), ``U`` is diagonal, no other column moves, and the codes are
 exactly round to nearest (``nvfp4.quantize_nvfp4``'s bits); the first column's codes always are.
 Choice of inputs: ``X`` is what the pipeline observes, the ORIGINAL model's layer inputs (each decoder layer
@@ -90,6 +97,28 @@ def inverse_factor(h: torch.Tensor, damp: float = DAMP, owned: bool = False) -> 
     return upper, ok
 
 
+def column_order(h: torch.Tensor) -> torch.Tensor:
+    """GPTQ's "act order": each batch index's columns by decreasing ``H_kk`` (the input channels' mean squares;
+    ties in index order), int64 ``[..., K]`` for ``h [..., K, K]``. The largest inputs are rounded first, while
+    every other column can still absorb their error. Deterministic: a stable sort of the same values."""
+    return torch.sort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True).indices
+
+
+def permute_columns(x: torch.Tensor, order: torch.Tensor, square: bool = False) -> torch.Tensor:
+    """``x [..., N, K]`` with its columns (``square``: its rows too, for ``H [..., K, K]``) taken in ``order``
+    ``[..., K]`` (a new array; a caller that hands ``x`` over gets at most two such arrays alive at once)."""
+    out = x.gather(-1, order.unsqueeze(-2).expand(*x.shape[:-1], order.shape[-1]))
+    if not square:
+        return out
+    del x
+    return out.gather(-2, order.unsqueeze(-1).expand(*out.shape))
+
+
+def unpermute_columns(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``permute_columns``: column ``j`` of ``x`` goes back to column ``order[j]``."""
+    return torch.empty_like(x).scatter_(-1, order.unsqueeze(-2).expand(*x.shape), x)
+
+
 def round_column(w: torch.Tensor, scale_f32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4's rounding of float64 working values ``w`` at fp32 scales ``scale_f32`` (same shape): (codes uint8,
     dequantized float64)."""
@@ -105,13 +134,25 @@ def column_scales(global_scale: torch.Tensor, block_scale: torch.Tensor, k: int)
 
 
 def gptq_codes_reference(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor, h: torch.Tensor,
-                         damp: float = DAMP) -> tuple[torch.Tensor, bool]:
+                         damp: float = DAMP, act_order: bool = False) -> tuple[torch.Tensor, bool]:
     """Codes uint8 ``[N, K]`` of one weight ``w [N, K]`` under its fixed scales (``global_scale`` 0-d, ``block_scale``
-    float8_e4m3fn ``[N, K/16]``) for ``h = X^T X / T [K, K]``, and whether the factorization succeeded."""
+    float8_e4m3fn ``[N, K/16]``) for ``h = X^T X / T [K, K]``, and whether the factorization succeeded.
+    ``act_order``: the columns in ``column_order``; each keeps its own (fixed) scale, so any order is valid."""
+    n, k = w.shape
+    scale = column_scales(global_scale, block_scale, k)
+    if act_order:
+        order = column_order(h.to(torch.float64))
+        codes, ok = _gptq_columns(permute_columns(w, order), permute_columns(scale, order),
+                                  permute_columns(h, order, square=True), damp)
+        return unpermute_columns(codes, order), ok
+    return _gptq_columns(w, scale, h, damp)
+
+
+def _gptq_columns(w: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torch.Tensor, bool]:
+    """Steps 1-4 for ``w [N, K]`` at fp32 element scales ``scale [N, K]``, columns in their order."""
     n, k = w.shape
     upper, ok = inverse_factor(h, damp)
     work = w.to(torch.float32).to(torch.float64).clone()
-    scale = column_scales(global_scale, block_scale, k)
     codes = torch.empty((n, k), dtype=torch.uint8, device=w.device)
     for start in range(0, k, COLUMN_BLOCK):
         stop = min(start + COLUMN_BLOCK, k)

@@ -9,7 +9,10 @@ launch per op per column for all experts (``backend="triton"``: one launch per 1
 same arithmetic, summed in another order, so the float64 working
 weights differ in the last bits and a code can differ where a value falls within rounding noise of an E2M1
 decision boundary (tests: equal codes on well-conditioned random problems, objective within a stated tolerance
-otherwise). Batch indices with ``use`` False (fallbacks) get ``U = I``, i.e. round to nearest.
+otherwise). Batch indices with ``use`` False (fallbacks) get ``U = I``, i.e. round to nearest. ``act_order``: each
+chunk's H, weights and element scales are permuted per expert (``formats.gptq.column_order``) before the sweep,
+which then runs unchanged (its 16-column blocks mix NVFP4 blocks, each column carrying its own scale), and the
+codes are put back in place.
 
 Memory, beyond the caller's ``h`` (which may be the unnormalized ``X^T X`` sums, divided by ``tokens`` here, per
 chunk): the experts are cut into chunks of ``e`` so that one float64 ``[e, K, K]`` array stays under
@@ -28,7 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from moequant.formats.gptq import DAMP, column_scales, inverse_factor, round_column
+from moequant.formats.gptq import (
+    DAMP, column_order, column_scales, inverse_factor, permute_columns, round_column, unpermute_columns)
 from moequant.formats.nvfp4 import BLOCK_SIZE
 
 COLUMN_BLOCK = 128
@@ -88,13 +92,15 @@ def _chunk_h(h3, count, use1, device) -> torch.Tensor:
 
 def gptq_codes(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor, h: torch.Tensor,
                use: torch.Tensor, damp: float = DAMP, tokens: torch.Tensor | None = None,
-               chunk_bytes: int | None = None, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+               chunk_bytes: int | None = None, backend: str = "torch",
+               act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes uint8 ``[*B, N, K]`` and factorization success ``[*B]`` (False where ``use`` is False) of ``w [*B, N, K]``
     under its scales (``global_scale`` ``[*B]`` or one for all, ``block_scale`` ``[*B, N, K/16]``), for
     ``h = X^T X / T [*B, K, K]`` on any device (moved to ``w``'s), or with ``tokens [*B]`` (float64) ``h = X^T X``
     summed, divided by ``tokens`` per chunk. ``B`` is 0 or 1 dimension. ``chunk_bytes``: default ``CHUNK_BYTES``.
     ``backend``: "torch", or "triton" (CUDA: each 16-column block in one launch, ``kernels.triton_gptq``; the same
-    codes)."""
+    codes). ``act_order``: each expert's columns in the order of ``formats.gptq.column_order`` (the scales are
+    fixed, so any order keeps them; the codes come back in the weight's own column order)."""
     lead = tuple(w.shape[:-2])
     n, k = w.shape[-2:]
     if len(lead) > 1 or tuple(h.shape) != lead + (k, k) or tuple(use.shape) != lead:
@@ -110,7 +116,14 @@ def gptq_codes(w: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.T
     for a in range(0, w3.shape[0], per):
         b = min(a + per, w3.shape[0])
         chunk_count = count[a:b] if count is not None else None
-        upper, good = inverse_factor(_chunk_h(h3[a:b], chunk_count, use1[a:b], w.device), damp, owned=True)
-        codes[a:b] = _gptq_batch(w3[a:b].to(torch.float32), scale[a:b], upper, backend)
+        hh = [_chunk_h(h3[a:b], chunk_count, use1[a:b], w.device)]   # popped: each callee holds the only reference
+        wc, sc = w3[a:b].to(torch.float32), scale[a:b]
+        if act_order:
+            order = column_order(hh[0])                                          # [e, K]
+            hh.append(permute_columns(hh.pop(), order, square=True))
+            wc, sc = permute_columns(wc, order), permute_columns(sc, order)
+        upper, good = inverse_factor(hh.pop(), damp, owned=True)
+        chunk_codes = _gptq_batch(wc, sc, upper, backend)
+        codes[a:b] = unpermute_columns(chunk_codes, order) if act_order else chunk_codes
         ok[a:b] = good & use1[a:b]
     return codes.reshape(w.shape), ok.reshape(lead)

@@ -159,7 +159,8 @@ def layer_weights(job: Job, targets: list[Target], stats: ActivationStats, ranks
                                   method=job.recipe.weights.method, backend=job.backend,
                                   channel_weights=_ranged(unit, weights), hessians=_ranged(unit, grams),
                                   global_search=job.recipe.weights.global_search,
-                                  four_over_six=job.recipe.weights.four_over_six)
+                                  four_over_six=job.recipe.weights.four_over_six,
+                                  act_order=job.recipe.weights.act_order)
         backends.update(state.backend.split(","))
         pieces += [(t.expert_offset, state.tensors[t.key]) for t in unit]
     pieces = _to_host(pieces)
