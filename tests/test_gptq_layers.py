@@ -19,6 +19,9 @@ MIN_TOKENS = 4   # so that layer 1's expert with 7 routed tokens is covered, but
 
 
 def _recipe(name):
+    if name == "natural-order":
+        return recipe("nvfp4-gptq", samples=SAMPLES, calibration={"min_tokens": MIN_TOKENS},
+                      weights={"act_order": False})
     return recipe(name, samples=SAMPLES, calibration={"min_tokens": MIN_TOKENS})
 
 
@@ -31,7 +34,7 @@ def model():
 def runs(model):
     ids = calib_ids(SAMPLES)
     return {name: quantize(model, _recipe(name), ids, batch_size=2)
-            for name in ("nvfp4-best", "nvfp4-gptq")}
+            for name in ("nvfp4-best", "nvfp4-gptq", "natural-order")}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -40,9 +43,24 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def test_recipe():
     r = load_recipe("nvfp4-gptq")
-    assert r.weights.method == "gptq" and r.needs_channel_stats and r.needs_hessians and r.input_scheme == "nvfp4"
+    assert r.weights.method == "gptq" and r.weights.act_order and r.needs_channel_stats and r.needs_hessians and r.input_scheme == "nvfp4"
     with pytest.raises(RecipeError, match="gptq applies to NVFP4"):
         load_recipe("fp8", weights={"method": "gptq"})
+    with pytest.raises(RecipeError, match="act_order .* goes with method: gptq, not weighted_mse"):
+        load_recipe("nvfp4-best", weights={"act_order": True})
+
+
+def test_act_order_changes_only_codes_and_fallbacks_stay(runs):
+    """weights.act_order reaches the layer step: nvfp4-gptq (act order) and the natural column order have the same
+    scales and fallbacks, other codes."""
+    ordered, plain = runs["nvfp4-gptq"].state.tensors, runs["natural-order"].state.tensors
+    assert any(not torch.equal(ordered[k].codes, s.codes) for k, s in plain.items())
+    for key, s in plain.items():
+        o = ordered[key]
+        assert torch.equal(_bits(o.block_scale), _bits(s.block_scale)) and torch.equal(o.global_scale, s.global_scale)
+        assert torch.equal(o.gptq_status, s.gptq_status), key
+        rtn = (o.gptq_status != gptq.GPTQ).reshape(-1)
+        assert torch.equal(o.codes.reshape(rtn.numel(), -1)[rtn], s.codes.reshape(rtn.numel(), -1)[rtn]), key
 
 
 def test_scales_are_weighted_mse_s_and_only_codes_differ(runs):
@@ -94,7 +112,7 @@ def test_gptq_lowers_the_output_error_on_the_calibration_inputs(model, runs):
         for batch in calib_ids(SAMPLES).split(2):
             model(input_ids=batch, use_cache=False)
     h = hessians(plan, stats.channels, containers, [t.key for t in plan.targets], MIN_TOKENS)
-    totals = {"nvfp4-best": 0.0, "nvfp4-gptq": 0.0}
+    totals = {"nvfp4-best": 0.0, "nvfp4-gptq": 0.0, "natural-order": 0.0}
     for t in plan.targets:
         w, used = canonical_weight(model, t).detach(), runs["nvfp4-gptq"].state.tensors[t.key].gptq_status == gptq.GPTQ
         for name in totals:
@@ -102,6 +120,7 @@ def test_gptq_lowers_the_output_error_on_the_calibration_inputs(model, runs):
             err = gptq.output_error(w, dequantize_nvfp4(unpack_fp4(s.codes), s.global_scale, s.block_scale), h[t.key].h)
             totals[name] += float(err[used].sum()) if t.kind == "experts" else float(err) * bool(used)
     assert totals["nvfp4-gptq"] < 0.9 * totals["nvfp4-best"], totals
+    assert totals["natural-order"] < 0.9 * totals["nvfp4-best"], totals
 
 
 def test_sequential_equals_all_at_once_and_hessians_live_one_layer(model, runs, monkeypatch):

@@ -126,6 +126,7 @@ def test_patterns_that_match_nothing_fail(qwen_plan):
 
 def test_resolved_recipe_is_plain_data():
     d = load_recipe("nvfp4-mse", kv_cache="fp8", exclude=["x"]).to_dict()
-    assert d["weights"] == {"format": "nvfp4", "method": "mse", "global_search": False, "four_over_six": False}
+    assert d["weights"] == {"format": "nvfp4", "method": "mse", "global_search": False, "four_over_six": False,
+                           "act_order": False}
     assert d["kv_cache"] == "fp8"
     assert d["exclude"] == ["x"] and d["calibration"]["dead_experts"] == "coverage"

@@ -16,7 +16,8 @@ from moequant.layers.job import start_job
 from moequant.recipe import RecipeError
 from moequant.smoothing import factors, smooth_layer
 
-SMOOTH = {"smoothing": {"enabled": True}, "calibration": {"samples": 8, "seq_len": 32, "min_tokens": 2}}
+SMOOTH = {"smoothing": {"enabled": True, "alpha": 0.5, "down": True},   # every site kind, not only the defaults
+          "calibration": {"samples": 8, "seq_len": 32, "min_tokens": 2}}
 IDS = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
@@ -102,7 +103,7 @@ def test_a_fold_that_changes_the_output_is_undone_and_listed():
 
 def test_recipe_key_is_checked():
     rec = load_recipe("nvfp4-best", smoothing={"enabled": True, "alpha": 0.7})
-    assert rec.smoothing.alpha == 0.7 and rec.to_dict()["smoothing"] == {"enabled": True, "alpha": 0.7, "down": True}
+    assert rec.smoothing.alpha == 0.7 and rec.to_dict()["smoothing"] == {"enabled": True, "alpha": 0.7, "down": False}
     for bad, words in [({"alpha": 1.5}, "<= 1.0"), ({"alpha": "half"}, "a number"), ({"alfa": 0.5}, "unknown key")]:
         with pytest.raises(RecipeError, match=words):
             load_recipe("nvfp4-best", smoothing=bad)

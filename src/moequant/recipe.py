@@ -6,7 +6,7 @@ file name and line. Defaults live only in these dataclasses; a YAML file states 
 
     description: one line shown in ``--help`` and written into the checkpoint
     weights:     {format: nvfp4 | fp8, method: max | mse | weighted_mse | gptq, global_search: bool,
-                  four_over_six: bool}   (see moequant.weights; weighted_mse and gptq observe activations
+                  four_over_six: bool, act_order: bool}   (see moequant.weights; weighted_mse and gptq observe activations
                                           even for weight-only recipes; gptq: moequant.gptq_step)
     activations: nvfp4 | fp8 | none          none = weight-only (W4A16 / W8A16), no input scales
     targets:     all | experts               experts = only the fused routed-experts containers
@@ -51,6 +51,7 @@ class WeightSpec:
     method: str = field(default="max", metadata=_choice("max", "mse", "weighted_mse", "gptq"))  # NVFP4
     global_search: bool = False   # NVFP4: search the (group-shared) global scale too (8x the block search)
     four_over_six: bool = False   # NVFP4 with method max: per block, block max to 6 or to 4
+    act_order: bool = False       # method gptq: columns rounded by decreasing input energy (GPTQ's act order)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,9 @@ class CalibrationSpec:
 @dataclass(frozen=True)
 class SmoothingSpec:
     enabled: bool = False
-    alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})   # s = amax_x^alpha / amax_w^(1-alpha)
-    down: bool = True    # also the down projections' inputs (up rows / s, down columns * s), else the norms' only
+    # Defaults: the best measured on the built-in models with nvfp4-gptq + act_order (docs/quality.md, the sweep)
+    alpha: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})   # s = amax_x^alpha / amax_w^(1-alpha)
+    down: bool = False   # also the down projections' inputs (up rows / s, down columns * s), else the norms' only
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class Recipe:
         if self.weights.four_over_six and self.weights.method != "max":
             raise RecipeError("weights.four_over_six goes with method: max only (mse and weighted_mse already "
                               "scan both of its candidates, so they are never worse)")
+        if self.weights.act_order and self.weights.method != "gptq":
+            raise RecipeError(f"weights.act_order orders GPTQ's columns; it goes with method: gptq, not "
+                              f"{self.weights.method}")
 
     @property
     def needs_channel_stats(self) -> bool:

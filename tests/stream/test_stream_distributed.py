@@ -14,7 +14,7 @@ from dist_worker import cli_rank_main, rank_main, run
 FLOORED = "floored.yaml"   # nvfp4-mse with the experts' layer floor (calibration.input_floor: layer)
 SMOOTHED = "smoothed.yaml"   # nvfp4-best with smoothing: the factors' statistics are reduced across ranks
 RECIPE_FILES = {FLOORED: "weights: {format: nvfp4, method: mse}\ncalibration: {input_floor: layer}\n",
-                SMOOTHED: "weights: {format: nvfp4, method: weighted_mse}\nsmoothing: {enabled: true}\n"}
+                SMOOTHED: "weights: {format: nvfp4, method: weighted_mse}\nsmoothing: {enabled: true, down: true}\n"}
 
 
 def files_bytes(folder: Path) -> dict[str, bytes]:

@@ -64,7 +64,7 @@ def test_streamed_smoothing_equals_in_memory(model_dir, tmp_path):
     """Smoothing streamed (factors from each layer's inputs, folded, quantized, the layer restored; the smoothed
     norms and routers written from the result): the same shards and the same factors file as in memory."""
     src = model_dir("qwen3_moe", dead_experts=True)
-    rec = load_recipe("nvfp4-best", kv_cache="fp8", smoothing={"enabled": True}, **CALIB)
+    rec = load_recipe("nvfp4-best", kv_cache="fp8", smoothing={"enabled": True, "down": True}, **CALIB)
     in_memory(src, tmp_path / "mem", rec, "modelopt", max_shard_bytes=40_000)
     quantize_streamed(src, tmp_path / "stream", rec, "modelopt", tokenizer=load_tokenizer(src), max_shard_bytes=40_000)
     mem, streamed = files_bytes(tmp_path / "mem"), files_bytes(tmp_path / "stream")

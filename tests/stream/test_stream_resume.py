@@ -23,7 +23,7 @@ from moequant.recipe import load_recipe
 from moequant.layers.streamed import quantize_streamed
 src, out, smoothing = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 rec = load_recipe("nvfp4-mse", kv_cache="fp8", calibration={"samples": 4, "seq_len": 32},
-                  smoothing={"enabled": smoothing})
+                  smoothing={"enabled": smoothing, "down": True})
 quantize_streamed(src, out, rec, "modelopt", tokenizer=load_tokenizer(src), max_shard_bytes=40_000)
 """
 
@@ -49,7 +49,7 @@ def _killed_run(src: Path, out: Path, smoothing: bool = False) -> None:
 
 @pytest.mark.parametrize("smoothing", [False, True])   # smoothing: factors journaled, replay of unsmoothed layers
 def test_kill_and_resume_is_byte_identical(src, tmp_path, smoothing):
-    rec = load_recipe("nvfp4-mse", **RECIPE, smoothing={"enabled": smoothing})
+    rec = load_recipe("nvfp4-mse", **RECIPE, smoothing={"enabled": smoothing, "down": True})
     _killed_run(src, tmp_path / "resumed", smoothing)
     resumed = quantize_streamed(src, tmp_path / "resumed", rec, "modelopt", tokenizer=load_tokenizer(src),
                                 max_shard_bytes=40_000)
