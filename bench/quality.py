@@ -60,6 +60,7 @@ RESAMPLES = 2000
 quantize_module = importlib.import_module("moequant.weights")
 CALIB = {"samples": 64, "seq_len": 512}
 SMOOTHING = {"enabled": False, "alpha": 0.5}   # --smoothing ALPHA: the product's channel smoothing (recipe key)
+WEIGHTS = {}   # the shared run's recipe key weights where it differs from nvfp4-gptq's (--act-order)
 
 
 def weight_error(state: QuantState) -> float:
@@ -152,6 +153,12 @@ def main() -> None:
     parser.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
                         help="the recipe key smoothing (enabled, this alpha) for every option: the shared run "
                              "smooths each layer; the other options search the same smoothed weights")
+    parser.add_argument("--smoothing-down", choices=("on", "off"), default="off",
+                        help="with --smoothing: also the down projections' inputs (recipe key smoothing.down, "
+                             "default off)")
+    parser.add_argument("--act-order", choices=("on", "off"), default=None,
+                        help="the shared run's GPTQ column order (weights.act_order; default: nvfp4-gptq's, on): "
+                             "by decreasing input energy, or off: in index order")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="another model directory (e.g. bench/smoothing.py's output) instead of the built-in one")
     args = parser.parse_args()
@@ -161,7 +168,9 @@ def main() -> None:
     backend = "torch" if args.device == "cpu" else "auto"
     CALIB["samples"] = args.samples
     if args.smoothing is not None:
-        SMOOTHING.update(enabled=True, alpha=args.smoothing)
+        SMOOTHING.update(enabled=True, alpha=args.smoothing, down=args.smoothing_down == "on")
+    if args.act_order is not None:
+        WEIGHTS["act_order"] = args.act_order == "on"
     model_dir = args.model_dir or builtin_model_dir(dense=args.model == "dense")
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
@@ -174,7 +183,7 @@ def main() -> None:
             shared, gptq_seconds = _shared_run(model, model_dir, args.device, backend)
     else:
         shared, gptq_seconds = _shared_run(model, model_dir, args.device, backend)
-    print(f"# layer inputs: {args.inputs}; smoothing: {SMOOTHING}", flush=True)
+    print(f"# layer inputs: {args.inputs}; smoothing: {SMOOTHING}; weights: {WEIGHTS}", flush=True)
     if shared.state.smoothing:   # the options' weights: the model smoothed as each layer was (same arithmetic)
         fold(model, "", [s for r in shared.state.smoothing for s in r.sites])
     rows, nll_q, nll_o = [], {}, None
@@ -243,7 +252,8 @@ def _shared_run(model, model_dir, device: str, backend: str):
     quantize_module.gptq_group = timed
     start = time.perf_counter()
     try:
-        shared = quantize(model, load_recipe("nvfp4-gptq", calibration=CALIB, smoothing=SMOOTHING), None,
+        recipe = load_recipe("nvfp4-gptq", calibration=CALIB, smoothing=SMOOTHING, **({"weights": WEIGHTS} if WEIGHTS else {}))
+        shared = quantize(model, recipe, None,
                           tokenizer=load_tokenizer(model_dir), device=device, backend=backend)
     finally:
         quantize_module.gptq_group = plain
