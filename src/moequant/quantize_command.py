@@ -171,8 +171,6 @@ def summary_lines(o: QuantizeOutcome, fmt: str) -> list[str]:
     experts = state.plan.expert_targets()
     n_experts = sum(t.shape[0] for t in experts if t.param_name != "down_proj")
     under = sum(len(c.under_covered) for c in report.coverage)
-    shipped, baseline = report.weight_error_totals()
-    gain = 100 * (1 - shipped / baseline) if baseline > 0 else 0.0
     lines = [
         f"output              {o.out_dir}  ({fmt})",
         f"recipe              {report.recipe}; calibration: {report.calibration or 'none needed'}",
@@ -180,18 +178,34 @@ def summary_lines(o: QuantizeOutcome, fmt: str) -> list[str]:
         f"experts             {n_experts} in {len(experts) // 2} MoE layers; {under} under-covered "
         f"(policy {report.policy}, < {report.min_tokens} tokens) -- all got scales, none from nothing",
         f"groups              {len(report.groups)} sharing one global scale (q/k/v, gate/up, ...)",
-        f"weight error        mean relative squared error {shipped:.4f} shipped vs {baseline:.4f} with max scales "
-        f"({gain:.1f}% lower)",
+        weight_error_line(report, o.result.state.method),
         f"verify              {'OK' if o.verify.ok else 'FAILED: ' + o.verify.summary()}",
         f"size                {o.size_before / 2**20:.1f} MiB -> {o.size_after / 2**20:.1f} MiB",
         "time                " + ", ".join(f"{k} {v:.1f}s" for k, v in {**o.seconds}.items()),
     ]
     if report.floor_summary() is not None:
         lines.append(f"input floor         {report.floor_summary()}")
-    return lines + coverage_lines(report.coverage)
+    fallback = report.gptq_fallback()
+    if fallback:
+        lines.append(f"gptq fallback       {sum(map(len, fallback.values()))} experts / linears in {len(fallback)} "
+                     "targets keep round-to-nearest codes (too few calibration tokens); "
+                     "moequant_report.json lists them")
+    notes = report.notes[:SHOWN_NOTES] + ([f"... {len(report.notes) - SHOWN_NOTES} more in moequant_report.json"]
+                                          if len(report.notes) > SHOWN_NOTES else [])
+    return lines + [f"note                {n}" for n in notes] + coverage_lines(report.coverage)
 
 
-SHOWN_CONTAINERS, SHOWN_EXPERTS = 4, 12
+def weight_error_line(report, method: str) -> str:
+    """The shipped weights' mean relative squared error against max scales', lower or higher: GPTQ trades this
+    error for the layers' output error, so its codes are farther from the weights than round to nearest's."""
+    shipped, baseline = report.weight_error_totals()
+    change = 100 * (shipped / baseline - 1) if baseline > 0 else 0.0
+    why = "; gptq lowers the layers' output error, not this one" if method == "gptq" else ""
+    return (f"weight error        mean relative squared error {shipped:.4f} shipped vs {baseline:.4f} with max scales "
+            f"({abs(change):.1f}% {'lower' if change <= 0 else 'higher'}{why})")
+
+
+SHOWN_CONTAINERS, SHOWN_EXPERTS, SHOWN_NOTES = 4, 12, 4
 
 
 def coverage_lines(coverage) -> list[str]:

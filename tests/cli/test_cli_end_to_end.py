@@ -54,7 +54,8 @@ def test_quantize_with_smoothing_verifies_against_the_source(family, fmt, model_
     src, out = model_dir(family), tmp_path / "ckpt"
     assert main(["quantize", str(src), "-o", str(out), "--recipe", "nvfp4-best", "--smoothing", "0.5", "--format", fmt,
                  *FAST]) == 0
-    assert "verify              OK" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "verify              OK" in printed and "note                smoothing (alpha 0.5):" in printed
     assert (out / "moequant_smoothing" / "factors.safetensors").is_file()
     assert main(["verify", str(out), "--reference", str(src), "--json"]) == 0
     capsys.readouterr()

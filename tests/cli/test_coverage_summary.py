@@ -31,3 +31,18 @@ def test_each_remedy_gets_its_own_heading_and_covered_layers_print_nothing():
                      f"  under-covered -> {REMEDY}:", "    model.layers.0.mlp.experts: e5:2",
                      "    model.layers.2.mlp.experts: e7:1"]
     assert coverage_lines([_layer(0, [])]) == []
+
+
+def test_weight_error_line_says_higher_when_it_is_higher():
+    """GPTQ's codes are farther from the weights than round to nearest's (it lowers the output error instead): the
+    summary must not print a negative "lower"."""
+    from moequant.quantize_command import weight_error_line
+    from moequant.report import Report, WeightError
+
+    def report(shipped, max_scales):
+        return Report("r", True, "", 0, "coverage", 16, weight_errors=[WeightError("a", "gptq", shipped, max_scales)])
+
+    assert weight_error_line(report(0.0119, 0.0089), "gptq").endswith(
+        "(33.7% higher; gptq lowers the layers' output error, not this one)")
+    assert weight_error_line(report(0.0060, 0.0080), "mse").endswith("0.0060 shipped vs 0.0080 with max scales "
+                                                                      "(25.0% lower)")
