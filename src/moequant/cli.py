@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from moequant.layers.host_memory import bound_cpu_kernel_caches
+
 DESCRIPTION = """Quantize Hugging Face MoE LLMs to NVFP4 / FP8 checkpoints (ModelOpt-HF or compressed-tensors),
 calibrating every expert, and verify what ships."""
 
@@ -176,6 +178,7 @@ COMMANDS = {"quantize": _cmd_quantize, "verify": _cmd_verify, "eval": _cmd_eval,
 
 
 def main(argv: list[str] | None = None) -> int:
+    bound_cpu_kernel_caches()   # the process is ours: before any CPU matmul (quantize and eval run many)
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -9,6 +9,7 @@
     sinks.py      collect for the Python API (Collect) or the journaled background writer (Journaled)
     ranks.py      torchrun: ranks exchange statistics and results; a MoE layer splits by expert ranges
     meta_model.py a weightless model whose layers are filled from the shards one at a time
+    host_memory.py what outlives a layer on the host (the C heap, oneDNN's caches), kept bounded
     in_memory.py  quantize(model, ...)            (the Python API; ``sequential=False``: the reference)
     streamed.py   quantize_streamed(dir, out, ...) (the CLI's default: resumable, one layer in memory)
 """

@@ -20,6 +20,7 @@ from moequant import kernels
 from moequant.calibrate import CalibrationError
 from moequant.calibration_data import CalibrationDataError, calibration_tokens, load_tokenizer
 from moequant.discover import decoder_layers, discover, text_config
+from moequant.layers.host_memory import bound_cpu_kernel_caches
 from moequant.layers.inputs import device_of, probe_ids
 from moequant.models.experts import ExpertsContainer, find_experts
 from moequant.plan import Plan, Target
@@ -83,6 +84,7 @@ def timed(seconds: dict[str, float], name: str):
 
 
 def start_job(model: nn.Module, recipe: Recipe, device, backend: str, sequential: bool) -> tuple[Job, Report]:
+    bound_cpu_kernel_caches()   # before this run's first CPU matmul (the probes below run some)
     report = Report(recipe.name, sequential, "", 0, recipe.calibration.dead_experts, recipe.calibration.min_tokens)
     start = time.perf_counter()
     layers_path, layers = decoder_layers(model)

@@ -19,8 +19,6 @@ forward holding one layer at a time, without reading any weight.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -32,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moequant.layers.host_memory import release_heap
 from moequant.models.disk_names import revert_weight_conversion
 from moequant.models.experts import UnsupportedModelError
 from moequant.safetensors_source import DTYPES, SafetensorsSource, ShardError
@@ -320,53 +319,6 @@ def load_into(model: nn.Module, source: SafetensorsSource, prefix: str, exclude_
 def free(module: nn.Module) -> None:
     """Send every tensor of ``module`` back to the meta device (its memory is released)."""
     module.to("meta")
-
-
-def release_heap(keep: int = 0) -> None:
-    """Hand the C heap's free memory back to the OS when it holds more than ``keep`` bytes of it (all of it
-    with ``keep=0``). Where the C library has no ``malloc_trim`` (not glibc) this does nothing; where it cannot
-    say how much it holds (glibc < 2.33, no ``mallinfo2``) it trims whenever asked.
-
-    glibc keeps freed heap memory for reuse, and with one decoder layer's buffers freed and new ones of other
-    sizes taken for the next, what it keeps grows with depth (CPU, 52 MB layers, default allocator: peak RSS
-    666 MB at 8 layers, 1159 MB at 32). Trimming after every layer holds it flat but re-faults every page the
-    next layer touches (2.5-3.5 s of the built-in model's ~30 s on 2 cores); the loop reuses the weights'
-    buffers (``BufferPool``) and trims only when what glibc keeps exceeds about two layers, which bounds it
-    the same way at a fraction of the trims."""
-    if _LIBC is None:
-        return
-    if keep > 0 and _MALLINFO2 is not None and _MALLINFO2().fordblks <= keep:
-        return
-    _LIBC.malloc_trim(0)
-
-
-def _glibc():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:   # no loadable C library under that name: nothing to trim
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _glibc()
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _mallinfo2():
-    """glibc's ``mallinfo2`` (its ``fordblks``: free bytes the heap keeps, all arenas), or None."""
-    fn = getattr(_LIBC, "mallinfo2", None) if _LIBC is not None else None
-    if fn is None:
-        return None
-    fn.restype = _Mallinfo2
-    return fn
-
-
-_MALLINFO2 = _mallinfo2()
 
 
 @contextmanager

@@ -16,7 +16,8 @@ import torch
 from moequant.export.common import unquantized_tensors
 from moequant.layers.inputs import on_device
 from moequant.layers.job import Job, timed
-from moequant.layers.meta_model import BufferPool, LayerPlans, free, install, read_tensors, release_heap
+from moequant.layers.host_memory import release_heap
+from moequant.layers.meta_model import BufferPool, LayerPlans, free, install, read_tensors
 from moequant.safetensors_source import SafetensorsSource
 
 
