@@ -66,8 +66,19 @@ def _plain_expert_stats(container: ExpertsContainer, x, index, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_routed_statistics_match_a_plain_recomputation(family):
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_routed_statistics_match_a_plain_recomputation(family, impl, monkeypatch):
+    """Under grouped_mm and batched_mm the down input amax is read from the forward's own gating (no second
+    gate_up: the side computation is never called); under eager it is computed beside the forward."""
+    import moequant.calibrate as calibrate
+
     model, plan, containers = prepared(family)
+    model = copy.deepcopy(model)
+    model.set_experts_implementation(impl)
+    containers = {c.path: c for c in find_experts(model, model.config.hidden_size)}
+    side_calls = []
+    real = calibrate.routed_gated_amax
+    monkeypatch.setattr(calibrate, "routed_gated_amax", lambda *a: side_calls.append(1) or real(*a))
     seen = {}
     handles = [c.module.register_forward_pre_hook(
         lambda _m, args, p=path: seen.setdefault(p, []).append((args[0].clone(), args[1].clone())))
@@ -86,6 +97,8 @@ def test_routed_statistics_match_a_plain_recomputation(family):
         assert torch.equal(obs.gate_up_amax, gate_up)
         torch.testing.assert_close(obs.down_amax, down, rtol=1e-6, atol=0)   # matmul shapes may differ
         assert (tokens == 0).any(), f"{path}: the biased router should leave some expert without tokens"
+        assert "_apply_gate" not in c.module.__dict__
+    assert bool(side_calls) == (impl == "eager"), (impl, len(side_calls))
 
 
 def test_coverage_costs_measurably_less_than_route_all():
@@ -130,6 +143,24 @@ def test_hooks_are_removed_when_the_forward_fails():
     with pytest.raises(IndexError):
         observe(model, plan, containers, "coverage", torch.full((1, 4), 10_000))
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_a_forward_that_fails_inside_the_gating_leaves_no_capture_behind(impl, monkeypatch):
+    model, plan, containers = prepared("qwen3_moe")
+    model = copy.deepcopy(model)
+    model.set_experts_implementation(impl)
+    containers = {c.path: c for c in find_experts(model, model.config.hidden_size)}
+    experts_class = type(next(iter(containers.values())).module)
+
+    def broken(self, gate_up_out):
+        raise RuntimeError("gating failed")
+
+    monkeypatch.setattr(experts_class, "_apply_gate", broken)
+    with pytest.raises(RuntimeError, match="gating failed"):
+        observe(model, plan, containers, "coverage", calib_ids(1, 8), kv=False)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert all("_apply_gate" not in c.module.__dict__ for c in containers.values())
 
 
 def test_errors_name_the_module():

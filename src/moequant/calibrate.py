@@ -3,15 +3,19 @@
 Observation never changes the model or its outputs. Forward pre-hooks on each quantized ``nn.Linear`` and on
 each fused-experts container record statistics; a stand-in KV cache given to each decoder layer (through a
 pre-hook on the layer's ``cache`` argument) records what attention would store; all hooks are removed in
-``finally``. Nothing is patched, no class is swapped, and the experts implementation the user selected
-(eager, grouped_mm, batched_mm: ``config._experts_implementation``) is left alone: per-expert statistics
-come from a side computation at the container boundary, from the container's own weights. The container is
-called with ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``; for expert ``e`` and its
-routed tokens ``R_e``:
+``finally``. No class is swapped and the experts implementation the user selected (eager, grouped_mm,
+batched_mm: ``config._experts_implementation``) is left alone. The container is called with
+``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``; for expert ``e`` and its routed tokens
+``R_e``:
     gate_up input amax = max |hidden_states[R_e]|
     down input amax    = max |_apply_gate(hidden_states[R_e] @ W_gate_up[e]^T + b_gate_up[e])|
     tokens[e]          = |R_e| (routed (token, expert) pairs)
 (``_apply_gate`` is the container's own gating: act(gate) * up, or GPT-OSS's clamped interleaved variant.)
+The down input amax is read from the forward itself where the implementation gates every routed pair in one
+``_apply_gate`` call in a known row order (grouped_mm, batched_mm): for that one forward the instance's
+``_apply_gate`` is wrapped by one that passes its output through and reduces it per expert
+(``expert_amax.GateCapture``). Elsewhere (eager, non-gated, or a call that does not look as expected) it is
+a side computation from the container's own weights (``routed_gated_amax``), which costs a second gate_up.
 
 Dead-expert policies (an expert with ``tokens < min_tokens`` is under-covered):
   coverage  (default) gate_up amax = amax of all the layer's hidden states (the input every expert would
@@ -52,7 +56,8 @@ from torch import nn
 
 from moequant.channel_stats import ChannelStats, observe_experts, observe_linear
 from moequant.errors import MoequantError
-from moequant.expert_amax import abs_max, check_gating, gated_amax_many, routed_gated_amax
+from moequant.expert_amax import (GateCapture, abs_max, check_gating, gate_rows, gated_amax_many,
+                                  routed_gated_amax)
 from moequant.formats.fp8 import fp8_tensor_scale
 from moequant.formats.nvfp4 import global_scale_from_amax
 from moequant.kv_cache import attach_kv_observers
@@ -166,7 +171,10 @@ def _routing(c: ExpertsContainer, signature: inspect.Signature, args, kwargs):
     return x, values[1].reshape(x.shape[0], -1)
 
 
-def _observe_routed(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tensor, index: torch.Tensor) -> None:
+def _observe_routed(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tensor, index: torch.Tensor):
+    """Routed statistics of one container call. The down_proj input amax is read from the forward about to run
+    (a ``GateCapture``, returned: the caller closes it after the forward) where the experts implementation's
+    gating order is known, else computed beside it now (returns None)."""
     e_count, top_k = obs.num_experts, index.shape[1]
     expert = index.reshape(-1)
     token = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
@@ -177,8 +185,13 @@ def _observe_routed(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tenso
     gate_up = torch.zeros(e_count + 1, device=x.device).scatter_reduce(0, expert, row_amax[token], "amax")
     obs.tokens = obs.tokens.to(counts.device) + counts
     obs.gate_up_amax = _running_max(obs.gate_up_amax, gate_up[:e_count])
-    if obs.want_down:
+    if not obs.want_down:
+        return None
+    rows = gate_rows(c, index)
+    if rows is None:
         obs.down_amax = _running_max(obs.down_amax, routed_gated_amax(c, x, token, expert, counts))
+        return None
+    return GateCapture(c, rows), (x, token, expert, counts)
 
 
 def _observe_all(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tensor) -> None:
@@ -188,32 +201,62 @@ def _observe_all(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tensor) 
         obs.evals += obs.num_experts * x.shape[0]
 
 
-def _experts_hook(obs: ExpertsObservation, c: ExpertsContainer, policy: str, channels: ChannelStats | None = None):
-    signature = inspect.signature(c.module.forward)
+class _ExpertsObserver:
+    """A fused-experts container's hooks: statistics before its forward; after it, the down_proj input amax
+    the forward's own gating showed (or, where it could not be read, the side computation). ``remove`` also
+    takes away a capture a failed forward left installed."""
 
-    def hook(_module, args, kwargs):
-        x, index = _routing(c, signature, args, kwargs)
+    def __init__(self, obs: ExpertsObservation, c: ExpertsContainer, policy: str, channels: ChannelStats | None):
+        self.obs, self.c, self.policy, self.channels = obs, c, policy, channels
+        self.signature = inspect.signature(c.module.forward)
+        self.pending = None
+        self.handles = [c.module.register_forward_pre_hook(self.before, with_kwargs=True),
+                        c.module.register_forward_hook(self.after)]
+
+    def before(self, _module, args, kwargs):
+        obs, c = self.obs, self.c
+        x, index = _routing(c, self.signature, args, kwargs)
         with torch.no_grad():
             start = _mark(x)
             obs.hidden_amax = _running_max(obs.hidden_amax, abs_max(x))
             obs.total_tokens += x.shape[0]
-            if policy == "route_all":
+            if self.policy == "route_all":
                 counts = torch.bincount(index[(index >= 0) & (index < obs.num_experts)], minlength=obs.num_experts)
                 obs.tokens = obs.tokens.to(counts.device) + counts
                 _observe_all(obs, c, x)
             else:
-                _observe_routed(obs, c, x, index)
-            if channels is not None:
-                observe_experts(channels, c, x, None if policy == "route_all" else index, obs.want_down)
-            if policy == "coverage" and obs.want_down:
+                self.pending = _observe_routed(obs, c, x, index)
+            if self.channels is not None:
+                observe_experts(self.channels, c, x, None if self.policy == "route_all" else index, obs.want_down)
+            if self.policy == "coverage" and obs.want_down:
                 obs.stored.append(x.detach().clone())
-            end = _mark(x)
-            if x.is_cuda:
-                obs.intervals.append((start, end))
-            else:
-                obs.seconds += end - start
+            self._account(x, start)
 
-    return hook
+    def after(self, _module, _args, _output):
+        if self.pending is None:
+            return
+        (capture, side), self.pending = self.pending, None
+        with torch.no_grad():
+            start = _mark(side[0])
+            amax = capture.close()
+            if amax is None:   # the forward did not gate once, one row per routed pair: compute it beside
+                amax = routed_gated_amax(self.c, *side)
+            self.obs.down_amax = _running_max(self.obs.down_amax, amax)
+            self._account(side[0], start)
+
+    def _account(self, x: torch.Tensor, start) -> None:
+        end = _mark(x)
+        if x.is_cuda:
+            self.obs.intervals.append((start, end))
+        else:
+            self.obs.seconds += end - start
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        if self.pending is not None:
+            self.pending[0].close()
+            self.pending = None
 
 
 FLOORS = ("layer", "none")
@@ -341,8 +384,7 @@ def _attach_targets(root, prefix, plan, containers, stats, policy) -> list:
             if want_down:
                 check_gating(c)
             stats.experts.setdefault(path, ExpertsObservation.empty(path, c.num_experts, want_down))
-            handles.append(module.register_forward_pre_hook(
-                _experts_hook(stats.experts[path], c, policy, stats.channels), with_kwargs=True))
+            handles.append(_ExpertsObserver(stats.experts[path], c, policy, stats.channels))
     return handles
 
 

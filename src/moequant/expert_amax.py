@@ -156,3 +156,55 @@ def _routed_grouped(c: ExpertsContainer, x: torch.Tensor, token: torch.Tensor, e
         low, high = torch.aminmax(c.module._apply_gate(h), dim=-1)                 # [n]
         out.scatter_reduce_(0, ids, torch.maximum(-low, high).float(), "amax")
     return out[:e_count]
+
+
+def gate_rows(c: ExpertsContainer, index: torch.Tensor) -> torch.Tensor | None:
+    """The expert of each row of the one ``_apply_gate`` call that the container's forward makes, for the
+    experts implementations whose row order is known, else None (eager loops over experts, a non-gated or an
+    unknown implementation: the side computation stays). transformers' ``grouped_mm`` gates every routed
+    (token, expert) pair at once, sorted by expert id (sentinels last); ``batched_mm`` in (token, k) order."""
+    impl = getattr(getattr(c.module, "config", None), "_experts_implementation", None)
+    if not getattr(c.module, "has_gate", False):
+        return None
+    ids = index.reshape(-1)
+    if impl == "grouped_mm":
+        return torch.sort(ids).values
+    if impl == "batched_mm":
+        return ids
+    return None
+
+
+class GateCapture:
+    """Per expert, the amax of its down_proj input read from the model's own forward: the output of the one
+    ``_apply_gate`` call the forward makes (that output is the down_proj input of every routed pair), instead
+    of recomputing gate_up beside it (which doubled the experts' compute on a CPU).
+
+    Installed on the container instance for one forward (``close`` removes it); the gated tensor passes
+    through untouched, so the model's outputs do not change. ``close`` returns the per-expert amax (f32 [E],
+    0 for experts without pairs), or None unless exactly one call with one row per pair was seen: then the
+    caller recomputes (``routed_gated_amax``)."""
+
+    def __init__(self, c: ExpertsContainer, rows: torch.Tensor):
+        self.module, self.rows, self.experts = c.module, rows, c.num_experts
+        self.calls, self.amax = 0, None
+        self.own = self.module.__dict__.get("_apply_gate")   # an instance-level gate of the model's, if any
+        self.original = self.module._apply_gate
+        self.module._apply_gate = self
+
+    def __call__(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        out = self.original(gate_up_out)
+        self.calls += 1
+        if self.calls == 1 and out.dim() == 2 and out.shape[0] == self.rows.numel():
+            with torch.no_grad():
+                low, high = torch.aminmax(out.detach(), dim=-1)                    # [pairs]
+                bins = torch.where((self.rows >= 0) & (self.rows < self.experts), self.rows, self.experts)
+                amax = torch.zeros(self.experts + 1, device=out.device)
+                self.amax = amax.scatter_reduce_(0, bins, torch.maximum(-low, high).float(), "amax")[:-1]
+        return out
+
+    def close(self) -> torch.Tensor | None:
+        if self.own is not None:
+            self.module._apply_gate = self.own
+        else:
+            del self.module._apply_gate
+        return self.amax if self.calls == 1 else None
