@@ -16,6 +16,9 @@ The down input amax is read from the forward itself where the implementation gat
 ``_apply_gate`` is wrapped by one that passes its output through and reduces it per expert
 (``expert_amax.GateCapture``). Elsewhere (eager, non-gated, or a call that does not look as expected) it is
 a side computation from the container's own weights (``routed_gated_amax``), which costs a second gate_up.
+The wrapper is the one exception to "no patching" (DESIGN.md principle 3): an instance attribute for one
+forward, set by the container's pre-hook and removed by its post-hook or, if the forward fails, with the hooks
+(``_ExpertsObserver.remove``); the class and the user's model are as they were afterwards (tests/test_calibrate.py).
 
 Dead-expert policies (an expert with ``tokens < min_tokens`` is under-covered):
   coverage  (default) gate_up amax = amax of all the layer's hidden states (the input every expert would
