@@ -52,3 +52,39 @@ def test_chunked_sums_match_the_per_expert_path(family):
         assert torch.equal(b.sq, b2.sq), kind                   # deterministic
         assert torch.allclose(a.sq, b.sq, rtol=1e-5, atol=1e-9 * float(a.sq.abs().max())), kind
         assert bool((b.sq[5] == 0).all()) and bool(b.sq.flatten(1).abs().sum(1)[[0, 1, 2, 3, 4, 6, 7]].gt(0).all())
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_sums_from_the_forwards_own_gating_match_the_side_computation(family, impl):
+    """``observe_gated`` (the down inputs as the forward gated them, read by a ``GateCapture``) against
+    ``observe_experts``' side computation: same counts, same sums of squares and X^T X to float64 summation
+    order (float32 model: the gated rows agree to rounding), on both of its paths."""
+    from moequant.channel_stats import observe_gated
+    from moequant.expert_amax import GateCapture, gate_rows
+
+    model = build(family)
+    model.set_experts_implementation(impl)
+    c = find_experts(model, model.config.hidden_size)[0]
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(200, model.config.hidden_size, generator=gen)
+    index = torch.randint(0, c.num_experts, (200, 2), generator=gen)
+    index[index == 5] = 6                                      # expert 5 gets no token
+    weights = torch.full(index.shape, 0.5)
+    plain = _stats(c, x, index, False)
+    for chunked in (False, True):
+        capture = GateCapture(c, gate_rows(c, index))
+        capture.keep = True
+        with torch.no_grad():
+            c.module(x, index, weights)
+        assert capture.close() is not None and capture.gated is not None
+        assert "_apply_gate" not in c.module.__dict__
+        cs = ChannelStats(hessians=True)
+        observe_gated(cs, c, capture.gated, capture.rows, chunked=chunked)
+        for kind in ("down", "down_h"):
+            a, b = getattr(plain, kind)[c.path], getattr(cs, kind)[c.path]
+            assert torch.equal(a.count, b.count), (kind, chunked)
+            # batched_mm gates rows computed by another fp32 matmul (~1e-7 relative): X^T X entries that cancel
+            # to near zero differ by that times the largest entry
+            assert torch.allclose(a.sq, b.sq, rtol=1e-5, atol=1e-6 * float(a.sq.abs().max())), (kind, chunked)
+            assert bool((b.sq[5] == 0).all())

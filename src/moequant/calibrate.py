@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moequant.channel_stats import ChannelStats, observe_experts, observe_linear
+from moequant.channel_stats import ChannelStats, observe_experts, observe_gated, observe_linear
 from moequant.errors import MoequantError
 from moequant.expert_amax import (GateCapture, abs_max, check_gating, gate_rows, gated_amax_many,
                                   routed_gated_amax)
@@ -174,7 +174,8 @@ def _routing(c: ExpertsContainer, signature: inspect.Signature, args, kwargs):
     return x, values[1].reshape(x.shape[0], -1)
 
 
-def _observe_routed(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tensor, index: torch.Tensor):
+def _observe_routed(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tensor, index: torch.Tensor,
+                    module: nn.Module | None = None):
     """Routed statistics of one container call. The down_proj input amax is read from the forward about to run
     (a ``GateCapture``, returned: the caller closes it after the forward) where the experts implementation's
     gating order is known, else computed beside it now (returns None)."""
@@ -194,7 +195,7 @@ def _observe_routed(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tenso
     if rows is None:
         obs.down_amax = _running_max(obs.down_amax, routed_gated_amax(c, x, token, expert, counts))
         return None
-    return GateCapture(c, rows), (x, token, expert, counts)
+    return GateCapture(c, rows, module), (x, token, expert, counts, index)
 
 
 def _observe_all(obs: ExpertsObservation, c: ExpertsContainer, x: torch.Tensor) -> None:
@@ -209,12 +210,13 @@ class _ExpertsObserver:
     the forward's own gating showed (or, where it could not be read, the side computation). ``remove`` also
     takes away a capture a failed forward left installed."""
 
-    def __init__(self, obs: ExpertsObservation, c: ExpertsContainer, policy: str, channels: ChannelStats | None):
-        self.obs, self.c, self.policy, self.channels = obs, c, policy, channels
+    def __init__(self, module: nn.Module, obs: ExpertsObservation, c: ExpertsContainer, policy: str,
+                 channels: ChannelStats | None):
+        self.module, self.obs, self.c, self.policy, self.channels = module, obs, c, policy, channels
         self.signature = inspect.signature(c.module.forward)
         self.pending = None
-        self.handles = [c.module.register_forward_pre_hook(self.before, with_kwargs=True),
-                        c.module.register_forward_hook(self.after)]
+        self.handles = [module.register_forward_pre_hook(self.before, with_kwargs=True),
+                        module.register_forward_hook(self.after)]
 
     def before(self, _module, args, kwargs):
         obs, c = self.obs, self.c
@@ -228,9 +230,13 @@ class _ExpertsObserver:
                 obs.tokens = obs.tokens.to(counts.device) + counts
                 _observe_all(obs, c, x)
             else:
-                self.pending = _observe_routed(obs, c, x, index)
+                self.pending = _observe_routed(obs, c, x, index, self.module)
             if self.channels is not None:
-                observe_experts(self.channels, c, x, None if self.policy == "route_all" else index, obs.want_down)
+                captured = self.pending is not None
+                if captured:
+                    self.pending[0].keep = obs.want_down   # the down inputs' sums from the forward's own gating
+                observe_experts(self.channels, c, x, None if self.policy == "route_all" else index,
+                                obs.want_down and not captured)
             if self.policy == "coverage" and obs.want_down:
                 obs.stored.append(x.detach().clone())
             self._account(x, start)
@@ -238,14 +244,20 @@ class _ExpertsObserver:
     def after(self, _module, _args, _output):
         if self.pending is None:
             return
-        (capture, side), self.pending = self.pending, None
+        (capture, (x, token, expert, counts, index)), self.pending = self.pending, None
         with torch.no_grad():
-            start = _mark(side[0])
+            start = _mark(x)
             amax = capture.close()
             if amax is None:   # the forward did not gate once, one row per routed pair: compute it beside
-                amax = routed_gated_amax(self.c, *side)
+                amax = routed_gated_amax(self.c, x, token, expert, counts)
             self.obs.down_amax = _running_max(self.obs.down_amax, amax)
-            self._account(side[0], start)
+            if self.channels is not None and capture.keep:
+                if capture.gated is not None:
+                    observe_gated(self.channels, self.c, capture.gated, capture.rows)
+                else:
+                    observe_experts(self.channels, self.c, x, index, True, inputs=False)
+            capture.gated = None
+            self._account(x, start)
 
     def _account(self, x: torch.Tensor, start) -> None:
         end = _mark(x)
@@ -387,7 +399,7 @@ def _attach_targets(root, prefix, plan, containers, stats, policy) -> list:
             if want_down:
                 check_gating(c)
             stats.experts.setdefault(path, ExpertsObservation.empty(path, c.num_experts, want_down))
-            handles.append(_ExpertsObserver(stats.experts[path], c, policy, stats.channels))
+            handles.append(_ExpertsObserver(module, stats.experts[path], c, policy, stats.channels))
     return handles
 
 

@@ -130,8 +130,10 @@ def observe_linear(cs: ChannelStats, key: str, x: torch.Tensor) -> None:
 
 
 def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, index: torch.Tensor | None,
-                    want_down: bool) -> None:
-    """Routed pairs of one container call (``index [T, k]``; None: every token to every expert)."""
+                    want_down: bool, inputs: bool = True) -> None:
+    """Routed pairs of one container call (``index [T, k]``; None: every token to every expert). The down
+    projection's inputs are side-computed here when ``want_down``; ``inputs=False`` does only that (the
+    container's own inputs were observed already). ``observe_gated`` takes them from the forward instead."""
     e_count, hidden = c.num_experts, x.shape[-1]
     x = x.detach()
     if index is None:
@@ -143,30 +145,55 @@ def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, inde
         valid = (expert >= 0) & (expert < e_count)
         expert, token = expert[valid], token[valid]
     x64 = x.to(torch.float64)
-    cs.hidden.setdefault(c.path, cs.zeros(hidden)).add(x64.square().sum(0), x.shape[0])
     counts = torch.bincount(expert, minlength=e_count)
+    if inputs:
+        cs.hidden.setdefault(c.path, cs.zeros(hidden)).add(x64.square().sum(0), x.shape[0])
     if x.device.type != "cpu":
-        _observe_experts_chunked(cs, c, x, x64, _routed_tokens(token, expert, counts), counts, want_down)
+        _observe_experts_chunked(cs, c, x, x64, _routed_tokens(token, expert, counts), counts, want_down, inputs)
         return
-    sq = torch.zeros(e_count, hidden, dtype=torch.float64, device=x.device).index_add_(0, expert, x64[token].square())
-    cs.gate_up.setdefault(c.path, cs.zeros(e_count, hidden)).add(sq, counts)
     routed = _routed_tokens(token, expert, counts) if cs.hessians or want_down else []
+    if inputs:
+        _observe_gate_up_cpu(cs, c, x64, token, expert, counts, routed)
+    if want_down:
+        _add_gated(cs, c.path, e_count, c.intermediate, routed, counts, _side_gated(c, x))
+
+
+def observe_gated(cs: ChannelStats, c: ExpertsContainer, gated: torch.Tensor, rows: torch.Tensor,
+                  chunked: bool | None = None) -> None:
+    """The down projection's inputs of one container call as the forward computed them: ``gated [P, I]``, the
+    output of its one ``_apply_gate`` call, and ``rows [P]`` the expert of each row (``expert_amax.gate_rows``;
+    E or more: an expert-parallel sentinel, no pair). The same sums as the side computation, without a second
+    gate_up; each expert's rows in the forward's order."""
+    e_count = c.num_experts
+    valid = (rows >= 0) & (rows < e_count)
+    expert = rows[valid]
+    pair = torch.arange(rows.shape[0], device=rows.device)[valid]
+    counts = torch.bincount(expert, minlength=e_count)
+    routed = _routed_tokens(pair, expert, counts)
+    gated = gated.detach()
+    if chunked if chunked is not None else gated.device.type != "cpu":   # (chunked=True: tests on a CPU)
+        chunks = _padded_chunks(routed, gated.shape[-1], gated.device)
+        rows_of = lambda ids, idx, mask: torch.where(mask[..., None], gated[idx].to(torch.float64), 0.0)   # noqa: E731
+        _add_chunked(cs, cs.down, cs.down_h, c.path, chunks, rows_of, e_count, c.intermediate, counts, gated.device)
+        return
+    _add_gated(cs, c.path, e_count, c.intermediate, routed, counts, lambda e, pairs: gated[pairs].to(torch.float64))
+
+
+def _observe_gate_up_cpu(cs: ChannelStats, c: ExpertsContainer, x64, token, expert, counts, routed) -> None:
+    e_count, hidden = c.num_experts, x64.shape[-1]
+    sq = torch.zeros(e_count, hidden, dtype=torch.float64, device=x64.device).index_add_(0, expert, x64[token].square())
+    cs.gate_up.setdefault(c.path, cs.zeros(e_count, hidden)).add(sq, counts)
     if cs.hessians:
         grams = []
         for e, rows_of in routed:
             rows = x64[rows_of]
             grams.append((e, rows.T @ rows))
-        sums = cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x.device))
+        sums = cs.gate_up_h.setdefault(c.path, cs.gram_zeros(e_count, hidden, hidden, device=x64.device))
         sums.add_experts(grams, counts)
-    if want_down:
-        sq, grams = _gated_sums(c, x, routed, cs.hessians)
-        cs.down.setdefault(c.path, cs.zeros(e_count, c.intermediate)).add(sq, counts)
-        if grams is not None:
-            i = c.intermediate
-            cs.down_h.setdefault(c.path, cs.gram_zeros(e_count, i, i, device=x.device)).add_experts(grams, counts)
 
 
-def _observe_experts_chunked(cs: ChannelStats, c: ExpertsContainer, x, x64, routed, counts, want_down: bool) -> None:
+def _observe_experts_chunked(cs: ChannelStats, c: ExpertsContainer, x, x64, routed, counts, want_down: bool,
+                             inputs: bool = True) -> None:
     """``observe_experts`` on an accelerator, where one launch per expert (8-10 per expert and batch) bounded the
     time: the routed experts in chunks of up to 16, each chunk's tokens padded to its largest count with rows
     of zeros (exact in every sum), batched matmuls for the gated inputs and for X^T X. Every sum is a plain
@@ -175,7 +202,8 @@ def _observe_experts_chunked(cs: ChannelStats, c: ExpertsContainer, x, x64, rout
     e_count, hidden, inter = c.num_experts, x.shape[-1], c.intermediate
     chunks = _padded_chunks(routed, max(hidden, 2 * inter), x.device)
     routed_rows = lambda ids, idx, mask: torch.where(mask[..., None], x64[idx], 0.0)   # noqa: E731  [C, n, H]
-    _add_chunked(cs, cs.gate_up, cs.gate_up_h, c.path, chunks, routed_rows, e_count, hidden, counts, x.device)
+    if inputs:
+        _add_chunked(cs, cs.gate_up, cs.gate_up_h, c.path, chunks, routed_rows, e_count, hidden, counts, x.device)
     if not want_down:
         return
     w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
@@ -244,21 +272,34 @@ def _routed_tokens(token: torch.Tensor, expert: torch.Tensor, counts: torch.Tens
     return [(e, rows) for e, (n, rows) in enumerate(zip(sizes, tokens_sorted.split(sizes))) if n]
 
 
-def _gated_sums(c: ExpertsContainer, x, routed: list[tuple[int, torch.Tensor]], gram: bool):
-    """[E, I] float64 sums of squared gated inputs of the down projection over each expert's routed tokens
-    (``routed``: ``_routed_tokens``), and with ``gram`` their X^T X sums as (expert, [I, I]) pairs of the routed
-    experts (else None)."""
+def _side_gated(c: ExpertsContainer, x: torch.Tensor):
+    """Expert ``e``'s gated down inputs for the tokens ``rows_of`` (float64 ``[n, I]``), side-computed from the
+    container's own weights and gating."""
     w = c.canonical(c.layout.gate_up)                                              # [E, 2I, H]
     bias = getattr(c.module, c.layout.gate_up_bias) if c.layout.gate_up_bias else None
-    out = torch.zeros(c.num_experts, c.intermediate, dtype=torch.float64, device=x.device)
-    grams = [] if gram else None
+
+    def inner(e: int, rows_of: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x[rows_of], w[e], bias[e] if bias is not None else None)
+        return c.module._apply_gate(h).to(torch.float64)
+
+    return inner
+
+
+def _add_gated(cs: ChannelStats, path: str, e_count: int, inter: int, routed: list[tuple[int, torch.Tensor]],
+               counts, inner) -> None:
+    """One call's [E, I] float64 sums of squared down inputs over each expert's rows (``routed``:
+    ``_routed_tokens``; ``inner(e, rows)`` gives them), and with ``cs.hessians`` their X^T X per routed expert."""
+    device = routed[0][1].device if routed else counts.device
+    out = torch.zeros(e_count, inter, dtype=torch.float64, device=device)
+    grams = [] if cs.hessians else None
     for e, rows_of in routed:
-        rows = x[rows_of]
-        inner = c.module._apply_gate(F.linear(rows, w[e], bias[e] if bias is not None else None)).to(torch.float64)
-        out[e] = inner.square().sum(0)                                             # inner: [n, I]
+        v = inner(e, rows_of)                                                      # [n, I]
+        out[e] = v.square().sum(0)
         if grams is not None:
-            grams.append((e, inner.T @ inner))
-    return out, grams
+            grams.append((e, v.T @ v))
+    cs.down.setdefault(path, cs.zeros(e_count, inter)).add(out, counts)
+    if grams is not None:
+        cs.down_h.setdefault(path, cs.gram_zeros(e_count, inter, inter, device=device)).add_experts(grams, counts)
 
 
 def _finish(sq: torch.Tensor) -> torch.Tensor:

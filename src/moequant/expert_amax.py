@@ -184,9 +184,11 @@ class GateCapture:
     0 for experts without pairs), or None unless exactly one call with one row per pair was seen: then the
     caller recomputes (``routed_gated_amax``)."""
 
-    def __init__(self, c: ExpertsContainer, rows: torch.Tensor):
-        self.module, self.rows, self.experts = c.module, rows, c.num_experts
+    def __init__(self, c: ExpertsContainer, rows: torch.Tensor, module: torch.nn.Module | None = None):
+        """``module``: the container module that will run (default ``c.module``)."""
+        self.module, self.rows, self.experts = module if module is not None else c.module, rows, c.num_experts
         self.calls, self.amax = 0, None
+        self.keep, self.gated = False, None   # keep: hold the gated tensor for the channel statistics
         self.own = self.module.__dict__.get("_apply_gate")   # an instance-level gate of the model's, if any
         self.original = self.module._apply_gate
         self.module._apply_gate = self
@@ -200,6 +202,7 @@ class GateCapture:
                 bins = torch.where((self.rows >= 0) & (self.rows < self.experts), self.rows, self.experts)
                 amax = torch.zeros(self.experts + 1, device=out.device)
                 self.amax = amax.scatter_reduce_(0, bins, torch.maximum(-low, high).float(), "amax")[:-1]
+            self.gated = out if self.keep else None
         return out
 
     def close(self) -> torch.Tensor | None:
@@ -207,4 +210,6 @@ class GateCapture:
             self.module._apply_gate = self.own
         else:
             del self.module._apply_gate
-        return self.amax if self.calls == 1 else None
+        if self.calls != 1:
+            self.amax = self.gated = None
+        return self.amax
