@@ -23,7 +23,8 @@ from moequant import kernels
 from moequant.formats import fp8, nvfp4
 from moequant.formats.fp8 import fp8_tensor_scale, quantize_fp8_tensor, dequantize_fp8_tensor
 from moequant.formats.global_search import search_global
-from moequant.formats.nvfp4 import MAX_ABS, WeightError, check_weight, global_scale_from_amax, tensor_amax
+from moequant.formats.nvfp4 import (MAX_ABS, WeightError, check_weight, global_scale_from_amax, storage_order,
+                                    tensor_amax)
 from moequant.gptq_step import GptqInput, gptq_group
 from moequant.plan import Plan, Target, disk_name_of, disk_position
 from moequant.scales import QuantState, TensorScales
@@ -97,9 +98,11 @@ def _per_expert_sum(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _sq_norm(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sum of squares (per expert), read in storage order: a float32 sum whose last bits depend on the order,
+    for the report's relative errors only."""
     if kind != "experts":
-        return _per_expert_sum(w.to(torch.float32).square(), kind)
-    return torch.cat([_per_expert_sum(c.to(torch.float32).square(), kind) for c in _expert_chunks(w)])
+        return _per_expert_sum(storage_order(w).to(torch.float32).square(), kind)
+    return torch.cat([_per_expert_sum(storage_order(c).to(torch.float32).square(), kind) for c in _expert_chunks(w)])
 
 
 def _nvfp4_scales(target: Target, w, amax, shared_amax, method, backend) -> tuple[TensorScales, str]:

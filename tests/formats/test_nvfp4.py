@@ -56,6 +56,11 @@ def test_non_finite_raises_naming_tensor(bad, dtype):
     w[1, 2, 17] = bad
     with pytest.raises(WeightError, match=r"mlp\.experts\.down_proj: 1 non-finite value.*\[1, 2, 17\]"):
         check_weight(w, "mlp.experts.down_proj")
+    # a transposed view (read in storage order for the check): the index is still the view's
+    t = w.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not t.is_contiguous()
+    with pytest.raises(WeightError, match=r"mlp\.experts\.down_proj: 1 non-finite value.*\[1, 2, 17\]"):
+        check_weight(t, "mlp.experts.down_proj")
 
 
 def test_check_weight_accepts_good_weights():
@@ -142,11 +147,14 @@ def test_tensor_amax_is_the_float32_abs_max(dtype):
     w[2, 3, 5] = -1e4   # the extreme is negative
     w[3, 0, 0] = float("nan")
     w = w.to(dtype)
-    for batch_dims in (0, 1, 2):
-        got = tensor_amax(w, batch_dims)
-        want = w.to(torch.float32).abs().reshape(*w.shape[:batch_dims], -1).amax(dim=-1)
-        assert got.dtype == torch.float32
-        assert torch.equal(got.isnan(), want.isnan())
-        assert torch.equal(got.nan_to_num().view(torch.int32), want.nan_to_num().view(torch.int32)), batch_dims
+    # also a transposed view of a contiguous [E, K, N] tensor (how fused experts are stored), which is read in
+    # storage order where the reduction covers both transposed dimensions
+    for view in (w, w.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        for batch_dims in (0, 1, 2):
+            got = tensor_amax(view, batch_dims)
+            want = view.to(torch.float32).abs().reshape(*view.shape[:batch_dims], -1).amax(dim=-1)
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert torch.equal(got.isnan(), want.isnan())
+            assert torch.equal(got.nan_to_num().view(torch.int32), want.nan_to_num().view(torch.int32)), batch_dims
     inf = torch.tensor([[1.0, float("-inf")], [0.0, -0.0]], dtype=dtype)
     assert tensor_amax(inf, 1).tolist() == [float("inf"), 0.0]

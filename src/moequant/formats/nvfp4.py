@@ -106,7 +106,7 @@ def _finite_range(w: torch.Tensor, name: str) -> tuple[float, float]:
     """(min, max) of ``w``; ``WeightError`` naming ``name`` and the first bad index if any value is NaN or inf."""
     # min and max propagate NaN and inf: one reduction, no full-size temporary (isfinite and abs of a bf16
     # weight allocate 2.5x its size); the full check runs only to describe a bad weight
-    low, high = torch.stack(torch.aminmax(w)).tolist() if w.numel() else (0.0, 0.0)
+    low, high = torch.stack(torch.aminmax(storage_order(w))).tolist() if w.numel() else (0.0, 0.0)
     if not (math.isfinite(low) and math.isfinite(high)):
         finite = torch.isfinite(w)
         bad = (~finite).nonzero()[0].tolist()
@@ -193,12 +193,27 @@ def to_blocks(w: torch.Tensor) -> torch.Tensor:
     return w.to(torch.float32).reshape(*w.shape[:-1], w.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
 
 
+def storage_order(w: torch.Tensor) -> torch.Tensor:
+    """``w``, or its transpose of the last two dimensions where that is the contiguous one (a weight stored
+    ``[E, K, N]`` and viewed ``[E, N, K]``): for reductions whose value does not depend on the order of the
+    elements within each leading index (min, max, finiteness). Reading a transposed view element by element
+    strides through memory (measured 3.5x the time of the contiguous read for an ``[8, 3072, 576]`` float32
+    experts tensor), and ``reshape`` of one copies it."""
+    if w.ndim >= 2 and not w.is_contiguous() and w.mT.is_contiguous():
+        return w.mT
+    return w
+
+
 def tensor_amax(w: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
     """Absolute max over all but the first ``batch_dims`` dimensions, float32 (+0.0 for an all-zero slice).
 
     ``max(-min, max)`` in ``w``'s dtype, then widened: the same value as ``w.float().abs().amax()`` (negation,
     max and widening are exact; NaN propagates), without a float32 copy and a ``|w|`` temporary of ``w``'s
-    size; ``+ 0.0`` makes a zero +0.0 (``-(+0.0)`` is -0.0)."""
+    size; ``+ 0.0`` makes a zero +0.0 (``-(+0.0)`` is -0.0). A max does not depend on the order it reads
+    the elements in: a transposed view is read in its storage order (``storage_order``) when the reduced
+    dimensions include both transposed ones."""
+    if batch_dims <= w.ndim - 2:
+        w = storage_order(w)
     low, high = torch.aminmax(w.reshape(*w.shape[:batch_dims], -1), dim=-1)
     return torch.maximum(-low, high).to(torch.float32) + 0.0
 
