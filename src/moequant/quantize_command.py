@@ -188,8 +188,8 @@ def summary_lines(o: QuantizeOutcome, fmt: str) -> list[str]:
     fallback = report.gptq_fallback()
     if fallback:
         lines.append(f"gptq fallback       {sum(map(len, fallback.values()))} experts / linears in {len(fallback)} "
-                     "targets keep round-to-nearest codes (too few calibration tokens); "
-                     "moequant_report.json lists them")
+                     "targets keep round-to-nearest codes (too few calibration tokens, or a failed "
+                     "factorization); moequant_report.json lists each with its reason")
     notes = report.notes[:SHOWN_NOTES] + ([f"... {len(report.notes) - SHOWN_NOTES} more in moequant_report.json"]
                                           if len(report.notes) > SHOWN_NOTES else [])
     return lines + [f"note                {n}" for n in notes] + coverage_lines(report.coverage)
