@@ -42,12 +42,19 @@ def _inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def main() -> None:
+def dense_linears_inputs():
+    """The built-in dense model (float32) and, per linear of ``LINEARS``, its inputs on 16 x 512 calibration
+    tokens and on 4 x 512 held-out tokens (float64)."""
     model_dir = builtin_model_dir(dense=True)
     model = load_model(model_dir).float().eval()
     tokenizer = load_tokenizer(model_dir)
     calib = _inputs(model, calibration_tokens(None, tokenizer, samples=16, seq_len=512, seed=0).tokens)
-    held = _inputs(model, eval_windows(tokenizer, windows=4, seq_len=512)[0])
+    return model, calib, _inputs(model, eval_windows(tokenizer, windows=4, seq_len=512)[0])
+
+
+@torch.no_grad()
+def main() -> None:
+    model, calib, held = dense_linears_inputs()
     print("| linear | RTN | GPTQ (H) | GPTQ (Hq) | " + " | ".join(f"asym., damp {d}" for d in DAMPS)
           + " | exact weights |")
     print("|---" * (5 + len(DAMPS)) + "|")

@@ -16,11 +16,8 @@ model (16 x 512 calibration tokens, 4 x 512 held-out tokens), per linear: the he
 from __future__ import annotations
 
 import torch
-from asymmetric_gptq import LINEARS, _inputs
+from asymmetric_gptq import LINEARS, dense_linears_inputs
 
-from moequant.calibration_data import calibration_tokens, load_tokenizer
-from moequant.demo import builtin_model_dir
-from moequant.evaluate import eval_windows
 from moequant.formats.activations import fake_quantize_activation_nvfp4
 from moequant.formats.fp4 import decode_e2m1
 from moequant.formats.nvfp4 import dequantize_nvfp4, global_scale_from_amax, tensor_amax
@@ -56,13 +53,7 @@ def refit_scales(w: torch.Tensor, codes: torch.Tensor, gs: torch.Tensor, bs: tor
 
 @torch.no_grad()
 def main() -> None:
-    model_dir = builtin_model_dir(dense=True)
-    from moequant.quantize_command import load_model
-
-    model = load_model(model_dir).float().eval()
-    tokenizer = load_tokenizer(model_dir)
-    calib = _inputs(model, calibration_tokens(None, tokenizer, samples=16, seq_len=512, seed=0).tokens)
-    held = _inputs(model, eval_windows(tokenizer, windows=4, seq_len=512)[0])
+    model, calib, held = dense_linears_inputs()
     print("| linear | inputs | GPTQ act order | + refit scales | + GPTQ again | changed scales |")
     print("|---|---|---|---|---|---|")
     for name in LINEARS:
