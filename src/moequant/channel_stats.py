@@ -144,7 +144,7 @@ def observe_experts(cs: ChannelStats, c: ExpertsContainer, x: torch.Tensor, inde
         token = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
         valid = (expert >= 0) & (expert < e_count)
         expert, token = expert[valid], token[valid]
-    x64 = x.to(torch.float64)
+    x64 = x.to(torch.float64) if inputs else None   # the container's inputs only (the gated ones come from x)
     counts = torch.bincount(expert, minlength=e_count)
     if inputs:
         cs.hidden.setdefault(c.path, cs.zeros(hidden)).add(x64.square().sum(0), x.shape[0])
