@@ -42,9 +42,11 @@ def run_layers(job: Job, source, sink, inputs: list[LayerInput], report: Report,
         with source.layer(i, ahead):
             result = calibrate_layer(job, i, inputs, ranks)
             if sink.writes:
-                result = replace(result, unquantized=source.unquantized(i, result.smoothing.changed))
+                with timed(report.stage_seconds, "host copies"):
+                    result = replace(result, unquantized=source.unquantized(i, result.smoothing.changed))
         account(report, result)
-        sink.put(result)
+        with timed(report.stage_seconds, "hand-over"):   # checks, the part's tensor specs, the writer's queue
+            sink.put(result)
     return resumed
 
 

@@ -18,7 +18,7 @@ from moequant.export import part_specs
 from moequant.export.common import check_exportable
 from moequant.export.writer import part_shards
 from moequant.journal import Journal
-from moequant.layers.job import Job
+from moequant.layers.job import Job, timed
 from moequant.layers.step import LayerResult, frozen
 from moequant.scales import QuantState
 from moequant.smoothing import Smoothing
@@ -71,8 +71,10 @@ class Journaled:
 
     writes = True
 
-    def __init__(self, job: Job, journal: Journal, fmt: str, max_shard_bytes: int, background: bool = True):
+    def __init__(self, job: Job, journal: Journal, fmt: str, max_shard_bytes: int, background: bool = True,
+                 seconds: dict[str, float] | None = None):
         self.job, self.journal, self.fmt, self.max_shard_bytes = job, journal, fmt, max_shard_bytes
+        self.seconds = seconds if seconds is not None else {}   # "write wait": the loop waiting for the writer
         self.results: list[LayerResult] = []   # light: scalars and errors, no codes or block scales
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-write") if background else None
         self._pending: Future | None = None
@@ -113,7 +115,8 @@ class Journaled:
     def _wait(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.result()
+            with timed(self.seconds, "write wait"):
+                pending.result()
 
     def finish(self) -> None:
         """Every part written (raises the writer's error, if any)."""

@@ -62,6 +62,7 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
     or interrupted (Ctrl-C) run leaves its journal for the next run to continue. Under torch.distributed
     (``ranks.py``) every rank calls this; rank 0 writes and returns the result, the other ranks return None.
     """
+    start = time.perf_counter()
     model_dir, out_dir, recipe = Path(model_dir), Path(out_dir).absolute(), load_recipe(recipe)
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -76,17 +77,19 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
         return None
     print_ = fingerprint(model_dir, shards.files(), recipe.to_dict(), calib, fmt, max_shard_bytes)
     journal = Journal(partial_dir(out_dir), print_, overwrite)
-    keep = False
+    setup, keep, result = time.perf_counter() - start, False, None   # the shards' headers, the journal
     try:
         with torch.no_grad():
             result, write_extras = _stream(journal, *args)
+        result.report.stage_seconds = {"setup": setup, **result.report.stage_seconds}
         with timed(result.report.stage_seconds, "write"):
             _link(journal, out_dir, write_extras, overwrite, model_dir)
     except KeyboardInterrupt:   # interrupted, not wrong: the next run continues (errors leave nothing behind)
         keep = any(p.startswith("layer") for p in journal.parts)
         raise
     finally:
-        journal.close(discard=not keep)   # and release the output's lock (taken by Journal)
+        with timed(result.report.stage_seconds if result is not None else {}, "write"):
+            journal.close(discard=not keep)   # and release the output's lock (taken by Journal)
     return result
 
 
@@ -121,7 +124,7 @@ def _stream(journal, model_dir, shards, recipe, fmt, calib, tokenizer, device, b
         with timed(report.stage_seconds, "capture"):
             inputs = capture_layer_inputs(model, layers[0], job.layer_path(0), batches, job.device)
     activation_bytes = sum(tensor_bytes(flat_tensors(i.__dict__)) for i in inputs)
-    sink = Skip(done) if journal is None else Journaled(job, journal, fmt, max_shard_bytes)
+    sink = Skip(done) if journal is None else Journaled(job, journal, fmt, max_shard_bytes, seconds=report.stage_seconds)
     with ExitStack() as stack:
         source = ShardLayers(job, shards, report.stage_seconds)
         stack.callback(source.close)
