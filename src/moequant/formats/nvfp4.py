@@ -64,6 +64,7 @@ import torch
 from moequant.errors import MoequantError
 from moequant.formats.fp4 import E2M1_MAX, decode_e2m1, encode_e2m1
 from moequant.formats.fp8 import E4M3_MAX, E4M3_MIN_SUBNORMAL, round_to_e4m3
+from moequant.reductions import abs_max
 
 BLOCK_SIZE = 16
 GLOBAL_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688
@@ -139,8 +140,7 @@ def batch_amax(w: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     batch = tuple(gs.shape) if gs.numel() > 1 else ()
     if w.numel() == 0:
         return torch.zeros(batch, dtype=torch.float32, device=w.device)
-    low, high = torch.aminmax(w.reshape(*batch, -1) if batch else w.reshape(-1), dim=-1)
-    return torch.maximum(-low, high).to(torch.float32)
+    return (abs_max(w.reshape(*batch, -1), -1) if batch else abs_max(w.reshape(-1))).to(torch.float32)
 
 
 def _pow2(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,8 +214,8 @@ def tensor_amax(w: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
     dimensions include both transposed ones."""
     if batch_dims <= w.ndim - 2:
         w = storage_order(w)
-    low, high = torch.aminmax(w.reshape(*w.shape[:batch_dims], -1), dim=-1)
-    return torch.maximum(-low, high).to(torch.float32) + 0.0
+    flat = w.reshape(*w.shape[:batch_dims], -1)
+    return abs_max(flat, -1 if batch_dims else None).to(torch.float32)
 
 
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
