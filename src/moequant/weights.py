@@ -97,12 +97,18 @@ def _per_expert_sum(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(-1) if kind == "experts" else x.sum()
 
 
+def _squares(w: torch.Tensor) -> torch.Tensor:
+    """``w`` squared in float32, in storage order: one float32 copy squared in place (``copy=True``: a float32
+    weight is never squared in place)."""
+    return storage_order(w).to(torch.float32, copy=True).square_()
+
+
 def _sq_norm(w: torch.Tensor, kind: str) -> torch.Tensor:
     """Sum of squares (per expert), read in storage order: a float32 sum whose last bits depend on the order,
     for the report's relative errors only."""
     if kind != "experts":
-        return _per_expert_sum(storage_order(w).to(torch.float32).square(), kind)
-    return torch.cat([_per_expert_sum(storage_order(c).to(torch.float32).square(), kind) for c in _expert_chunks(w)])
+        return _per_expert_sum(_squares(w), kind)
+    return torch.cat([_per_expert_sum(_squares(c), kind) for c in _expert_chunks(w)])
 
 
 def _nvfp4_scales(target: Target, w, amax, shared_amax, method, backend) -> tuple[TensorScales, str]:
