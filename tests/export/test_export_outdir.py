@@ -142,6 +142,27 @@ def test_leftovers_of_this_output_are_removed_others_are_not(tmp_path):
     assert all((f / "model-00001-of-00002.safetensors").read_bytes() == b"half" for f in others)
 
 
+def test_a_killed_overwrites_old_checkpoint_is_removed_or_put_back(tmp_path):
+    out = tmp_path / "ckpt"
+    old = tmp_path / ".ckpt.moequant-old-0a1b2c3d"   # killed while removing the checkpoint it replaced
+    other = tmp_path / ".ckpt2.moequant-old-0a1b2c3d"
+    for folder in (out, old, other):
+        folder.mkdir()
+        (folder / "model-00001-of-00001.safetensors").write_bytes(b"previous")
+    write_checkpoint(out, [_specs()], _no_extras, overwrite=True)
+    assert not old.exists() and (other / "model-00001-of-00001.safetensors").read_bytes() == b"previous"
+    assert (out / INDEX_NAME).is_file()
+
+    # killed between the two renames: the output is gone and -old- holds the user's previous checkpoint
+    previous = tmp_path / ".gone.moequant-old-0a1b2c3d"
+    previous.mkdir()
+    (previous / "model-00001-of-00001.safetensors").write_bytes(b"previous")
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        write_checkpoint(tmp_path / "gone", [_specs()], _no_extras)   # put back first, so not overwritten
+    assert (tmp_path / "gone" / "model-00001-of-00001.safetensors").read_bytes() == b"previous"
+    assert not previous.exists()
+
+
 def test_a_live_runs_temporary_directory_is_not_touched(tmp_path):
     out = tmp_path / "ckpt"
     holder = Holder(out, "assembling")

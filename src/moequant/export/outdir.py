@@ -11,7 +11,10 @@ run (SIGKILL, power loss) never blocks: the next run locks it again. A run relea
 file on exit, on error and on Ctrl-C. Taking the lock again in the same thread nests (the streamed path holds it
 from its journal to the final write); another thread of the same process is refused like another process.
 Whoever takes the lock first removes the ``-tmp-`` directories of that output: every run that makes one holds
-the lock while it lives, so under the lock they are leftovers of killed runs. Other outputs' are never touched.
+the lock while it lives, so under the lock they are leftovers of killed runs. An ``-old-`` directory is a killed
+overwrite's too: next to the output it is the replaced checkpoint (killed while removing it, which takes seconds
+for hundreds of GB) and is removed; with no output beside it the run died between its two renames, so it is the
+user's previous checkpoint and is renamed back. Other outputs' are never touched.
 
 Permissions: temporary directories are made with ``mkdir(0o777)``, so the moved checkpoint has the mode ``mkdir``
 gives under the user's umask (``tempfile.mkdtemp`` would give 0700: a server running as another user could not
@@ -165,13 +168,19 @@ def _locked_line(out_dir: Path, path: Path, holder: dict) -> str:
 
 
 def _remove_leftovers(out_dir: Path) -> list[Path]:
-    """The ``-tmp-`` directories of ``out_dir`` (a killed run's final assembly); called under its lock."""
-    pattern = re.compile(re.escape(f".{out_dir.name}.moequant-tmp-") + r"[0-9a-z_]{8}")
-    removed = []
-    for entry in os.scandir(out_dir.parent):
-        if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-            removed.append(Path(entry.path))
+    """Killed runs' ``-tmp-`` (final assembly) and ``-old-`` (replaced checkpoint) directories of ``out_dir``, see
+    the module docstring; called under its lock. Returns those removed."""
+    def leftovers(kind: str) -> list[Path]:
+        pattern = re.compile(re.escape(f".{out_dir.name}.moequant-{kind}-") + r"[0-9a-z_]{8}")
+        return [Path(e.path) for e in os.scandir(out_dir.parent)
+                if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+
+    old = leftovers("old")
+    if len(old) == 1 and not os.path.lexists(out_dir):
+        os.rename(old.pop(), out_dir)   # the overwrite never finished: the previous checkpoint goes back
+    removed = leftovers("tmp") + (old if os.path.lexists(out_dir) else [])
+    for path in removed:
+        shutil.rmtree(path)
     return removed
 
 
