@@ -9,8 +9,11 @@ Directory ``<parent>/.<output name>.moequant-partial/`` (same filesystem as the 
                               write them again
     part-<name>.pt            what the final report and configs need from that part (scales without the
                               block scales, coverage records, KV scales, backends): small
-A part is recorded in journal.json (rewritten atomically with ``os.replace``) only after both of its files are
-complete, so a kill at any instant leaves a journal that lists only whole parts.
+A part is recorded in journal.json (rewritten atomically with ``os.replace``) only after all of its files are
+complete and on the disk (``fsync``ed, with the directory entries naming them), so a kill at any instant, or a
+machine that goes down (power, a preempted instance: the page cache is lost, the disk stays), leaves a journal
+that lists only whole parts: a resumed run never links a shard whose bytes never reached the disk. The parts are
+written by the streamed run's background writer, so the flush overlaps the next layer's compute.
 
 The fingerprint names what the parts depend on: the model files (config.json and index bytes, each shard's
 name and size), the resolved recipe, the calibration source, the export format and the moequant version. A
@@ -58,6 +61,15 @@ def output_of(directory: Path) -> Path:
     if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
         raise ValueError(f"{directory} is not named like a journal (.<output name>{PARTIAL_SUFFIX})")
     return directory.parent / name[1:-len(PARTIAL_SUFFIX)]
+
+
+def sync_to_disk(path: Path) -> None:
+    """``fsync`` a file, or a directory (its entries), so that it survives the machine going down."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sha(path: Path) -> str | None:
@@ -116,7 +128,9 @@ class Journal:
     def _save(self) -> None:
         tmp = self.dir / f".{JOURNAL}.tmp"
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "parts": self.parts}, indent=1))
+        sync_to_disk(tmp)
         os.replace(tmp, self.dir / JOURNAL)
+        sync_to_disk(self.dir)   # the rename itself
 
     def done(self, part: str) -> bool:
         return part in self.parts
@@ -134,6 +148,9 @@ class Journal:
                 write_safetensors(self.dir / file, shard)
             (self.dir / f"part-{part}.json").write_text(json.dumps(listing))
             (self.dir / f"part-{part}.pt").write_bytes(buffer.getvalue())
+            for name in [*files, f"part-{part}.json", f"part-{part}.pt"]:
+                sync_to_disk(self.dir / name)
+            sync_to_disk(self.dir)   # their directory entries, before journal.json names them
             self.parts[part] = {"files": files}
             self._save()
 
