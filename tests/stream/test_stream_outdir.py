@@ -11,13 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from outdir_helpers import Holder
 
 from moequant import journal
 from moequant.cli import main
-from moequant.export import writer
+from moequant.export import ExportError, writer
 from moequant.export.outdir import lock_path
 from moequant.journal import partial_dir
+from moequant.layers import streamed
 
 FAST = ["--samples", "4", "--seq-len", "32", "--device", "cpu", "--quiet", "--kv-cache", "fp8"]
 # a real `moequant quantize` that pauses after journaling its first part until the file <gate>/go exists
@@ -114,3 +117,17 @@ def test_disk_full_while_journaling_is_one_line_and_leaves_nothing(model_dir, tm
     assert f"{partial_dir(out).name}/part-layer-00001-000.safetensors" in err and "(-o)" in err
     assert journaled == ["rest", "layer-00000", "layer-00001"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_put_back_under_the_lock_is_refused_before_any_layer(model_dir, tmp_path, monkeypatch):
+    """A killed overwrite left the previous checkpoint as -old- and no output: the run's lock puts it back, and
+    the run refuses to replace it without overwrite before computing anything."""
+    out = tmp_path / "out"
+    old = tmp_path / ".out.moequant-old-0a1b2c3d"
+    old.mkdir()
+    (old / "model-00001-of-00001.safetensors").write_bytes(b"previous")
+    monkeypatch.setattr(streamed, "_stream", lambda *a, **k: pytest.fail("computed before the target was checked"))
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        streamed.quantize_streamed(model_dir("qwen2_moe"), out, "nvfp4-w4a16")
+    assert (out / "model-00001-of-00001.safetensors").read_bytes() == b"previous"
+    assert not old.exists() and not partial_dir(out).exists()

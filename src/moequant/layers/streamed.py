@@ -77,6 +77,11 @@ def quantize_streamed(model_dir: str | Path, out_dir: str | Path, recipe: str | 
         return None
     print_ = fingerprint(model_dir, shards.files(), recipe.to_dict(), calib, fmt, max_shard_bytes)
     journal = Journal(partial_dir(out_dir), print_, overwrite)
+    try:
+        _check_target(out_dir, overwrite, model_dir)   # again under the lock, which may have put a checkpoint back
+    except BaseException:
+        journal.close(discard=not journal.parts)   # finished parts stay for a rerun with --overwrite
+        raise
     setup, keep, result = time.perf_counter() - start, False, None   # the shards' headers, the journal
     try:
         with torch.no_grad():
