@@ -13,7 +13,8 @@ A part is recorded in journal.json (rewritten atomically with ``os.replace``) on
 complete and on the disk (``fsync``ed, with the directory entries naming them), so a kill at any instant, or a
 machine that goes down (power, a preempted instance: the page cache is lost, the disk stays), leaves a journal
 that lists only whole parts: a resumed run never links a shard whose bytes never reached the disk. The parts are
-written by the streamed run's background writer, so the flush overlaps the next layer's compute.
+written by the streamed run's background writer and flushed by a thread of their own, so the flush overlaps
+the next part's write and the next layer's compute.
 
 The fingerprint names what the parts depend on: the model files (config.json and index bytes, each shard's
 name and size), the resolved recipe, the calibration source, the export format and the moequant version. A
@@ -136,9 +137,12 @@ class Journal:
         return part in self.parts
 
     def record(self, part: str, shards: list[list[TensorSpec]], summary: dict) -> None:
-        """Write one finished part (its shards, as the checkpoint will hold them, its tensor listing and its
-        summary), then list it in the journal (journal.json names the files only: rewritten after every part,
-        it stays small)."""
+        """``write`` then ``commit`` one finished part."""
+        self.commit(part, self.write(part, shards, summary))
+
+    def write(self, part: str, shards: list[list[TensorSpec]], summary: dict) -> list[str]:
+        """Write one finished part's files (its shards, as the checkpoint will hold them, its tensor listing and
+        its summary); returns its shard files' names. Not in the journal until ``commit``."""
         files = [f"part-{part}-{j:03d}.safetensors" for j in range(len(shards))]
         listing = [[[s.name, str(s.dtype).split(".")[1], list(s.shape)] for s in shard] for shard in shards]
         buffer = io.BytesIO()
@@ -148,6 +152,13 @@ class Journal:
                 write_safetensors(self.dir / file, shard)
             (self.dir / f"part-{part}.json").write_text(json.dumps(listing))
             (self.dir / f"part-{part}.pt").write_bytes(buffer.getvalue())
+        return files
+
+    def commit(self, part: str, files: list[str]) -> None:
+        """Flush a ``write``-n part to the disk, then list it in the journal (journal.json names the files only:
+        rewritten after every part, it stays small). The streamed writer commits part k on a thread of its own
+        while it writes part k + 1 (``layers/sinks.Journaled``), so the flush overlaps the next write."""
+        with reported_os_errors(self.out_dir):
             for name in [*files, f"part-{part}.json", f"part-{part}.pt"]:
                 sync_to_disk(self.dir / name)
             sync_to_disk(self.dir)   # their directory entries, before journal.json names them
@@ -159,7 +170,7 @@ class Journal:
         listing = json.loads((self.dir / f"part-{part}.json").read_text())
         out = []
         for file, shard in zip(self.parts[part]["files"], listing):
-            sizes = [(name, math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size())
+            sizes = [(name, math.prod(shape) * getattr(torch, dtype).itemsize)
                      for name, dtype, shape in shard]
             out.append((self.dir / file, sizes))
         return out

@@ -29,15 +29,15 @@ import sys, time
 from pathlib import Path
 from moequant import journal
 from moequant.cli import main
-gate, record = Path(sys.argv[1]), journal.Journal.record
-def paused(self, part, tensors, summary):
-    record(self, part, tensors, summary)
+gate, commit = Path(sys.argv[1]), journal.Journal.commit
+def paused(self, part, files):
+    commit(self, part, files)
     (gate / "ready").touch()
     for _ in range(3000):
         if (gate / "go").exists():
             break
         time.sleep(0.1)
-journal.Journal.record = paused
+journal.Journal.commit = paused
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -105,9 +105,9 @@ def test_disk_full_while_journaling_is_one_line_and_leaves_nothing(model_dir, tm
 
     monkeypatch.setattr(writer, "open", full_at_layer_1, raising=False)
     journaled = []
-    record = journal.Journal.record
-    monkeypatch.setattr(journal.Journal, "record", lambda self, part, *a: (journaled.append(part),
-                                                                           record(self, part, *a)))
+    write = journal.Journal.write
+    monkeypatch.setattr(journal.Journal, "write", lambda self, part, *a: (journaled.append(part),
+                                                                          write(self, part, *a))[1])
     out, src = tmp_path / "out", model_dir("qwen2_moe")
     capsys.readouterr()   # what building the fixture printed
     assert main(["quantize", str(src), "-o", str(out), *FAST]) == 2

@@ -77,7 +77,9 @@ class Journaled:
         self.seconds = seconds if seconds is not None else {}   # "write wait": the loop waiting for the writer
         self.results: list[LayerResult] = []   # light: scalars and errors, no codes or block scales
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-write") if background else None
-        self._pending: Future | None = None
+        self._flush = ThreadPoolExecutor(1, thread_name_prefix="moequant-flush") if background else None
+        self._pending: Future | None = None    # the part being written (awaited by the loop)
+        self._flushing: Future | None = None   # the part before it, being flushed and journaled
 
     def done(self, i: int | None) -> bool:
         return part_name(i) in self.journal.parts
@@ -108,9 +110,24 @@ class Journaled:
             self._pending = self._pool.submit(self._write, result.index, specs, summary)
 
     def _write(self, i: int | None, specs, summary: dict) -> None:
-        self.journal.record(part_name(i), part_shards(specs, self.max_shard_bytes), summary)
+        """The writer thread: part ``i``'s files, then its flush handed to the flusher (one part in flight: the
+        previous part's flush is awaited first, so a part is journaled only after the ones before it)."""
+        files = self.journal.write(part_name(i), part_shards(specs, self.max_shard_bytes), summary)
+        if self._flush is None:
+            self._commit(i, files)
+            return
+        self._await_flush()
+        self._flushing = self._flush.submit(self._commit, i, files)
+
+    def _commit(self, i: int | None, files: list[str]) -> None:
+        self.journal.commit(part_name(i), files)
         if i is not None and os.environ.get(KILL_AFTER_LAYER_ENV) == str(i):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _await_flush(self) -> None:
+        if self._flushing is not None:
+            flushing, self._flushing = self._flushing, None
+            flushing.result()
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -119,9 +136,12 @@ class Journaled:
                 pending.result()
 
     def finish(self) -> None:
-        """Every part written (raises the writer's error, if any)."""
+        """Every part written, flushed and journaled (raises the writer's or the flusher's error, if any)."""
         try:
             self._wait()
+            with timed(self.seconds, "write wait"):
+                self._await_flush()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+            for pool in (self._pool, self._flush):
+                if pool is not None:
+                    pool.shutdown(wait=True)
