@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moequant.models.experts import ExpertsContainer, UnsupportedModelError
-from moequant.reductions import abs_max as _abs_max, amin_amax
+from moequant.reductions import abs_max as _abs_max
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +68,8 @@ def gated_amax_many(c: ExpertsContainer, x: torch.Tensor, experts: list[int]) ->
         ids = ids + [ids[-1]] * (size - len(ids))
         h = torch.matmul(x, w[ids].transpose(-1, -2))                              # [C, T, 2I]
         h = h + bias[ids].unsqueeze(1) if bias is not None else h
-        low, high = amin_amax(c.module._apply_gate(h).flatten(1), 1)              # [C, T * I] -> [C]
-        out.append(torch.maximum(-low, high).float()[: len(experts[start:start + size])])
+        amax = _abs_max(c.module._apply_gate(h).flatten(1), 1).float()            # [C, T * I] -> [C]
+        out.append(amax[: len(experts[start:start + size])])
     return torch.cat(out)
 
 
@@ -113,8 +113,7 @@ def routed_gated_amax(c: ExpertsContainer, x: torch.Tensor, token: torch.Tensor,
         h = h + bias[ids].unsqueeze(1) if bias is not None else h
         inner = c.module._apply_gate(h)                                             # [C, n, I]
         inner = torch.where((j[None] < counts[ids_t, None])[..., None], inner, torch.zeros_like(inner))
-        low, high = amin_amax(inner.flatten(1), 1)
-        out[ids_t] = torch.maximum(-low, high).float()
+        out[ids_t] = _abs_max(inner.flatten(1), 1).float()
     return out
 
 
@@ -153,8 +152,7 @@ def _routed_grouped(c: ExpertsContainer, x: torch.Tensor, token: torch.Tensor, e
         h = _grouped_mm_fn()(rows[start:stop], w_t, offs=offs_c)                    # [n, 2I]
         ids = expert_s[start:stop]
         h = h + bias[ids.clamp(max=e_count - 1)] if bias is not None else h
-        low, high = amin_amax(c.module._apply_gate(h), -1)                        # [n]
-        out.scatter_reduce_(0, ids, torch.maximum(-low, high).float(), "amax")
+        out.scatter_reduce_(0, ids, _abs_max(c.module._apply_gate(h), -1).float(), "amax")   # [n] per row
     return out[:e_count]
 
 
@@ -198,10 +196,10 @@ class GateCapture:
         self.calls += 1
         if self.calls == 1 and out.dim() == 2 and out.shape[0] == self.rows.numel():
             with torch.no_grad():
-                low, high = amin_amax(out.detach(), -1)                            # [pairs]
+                rows = _abs_max(out.detach(), -1).float()                         # [pairs]
                 bins = torch.where((self.rows >= 0) & (self.rows < self.experts), self.rows, self.experts)
                 amax = torch.zeros(self.experts + 1, device=out.device)
-                self.amax = amax.scatter_reduce_(0, bins, torch.maximum(-low, high).float(), "amax")[:-1]
+                self.amax = amax.scatter_reduce_(0, bins, rows, "amax")[:-1]
             self.gated = out if self.keep else None
         return out
 
