@@ -2,10 +2,11 @@
 
 ``amin_amax(x, dim)`` is ``torch.aminmax``: the same values, NaN propagated the same way (a min or a max does
 not round, so any order of reading gives the same value; only a zero's sign, where a slice holds both -0.0 and
-+0.0, and a NaN's payload may come out otherwise, which ``abs_max`` normalizes away). On a CPU, torch's ``aminmax`` over a dimension is
-6-16x slower than ``amin`` and ``amax`` run one after the other (torch 2.13, bf16 and float32, 2 cores, from
-[1, 14M] to [4096, 1536]: ``bench/cpu_reductions.py``), while the full reduction (no ``dim``) is the faster of
-the two; on an accelerator one ``aminmax`` pass reads the tensor once instead of twice.
++0.0, and a NaN's payload may come out otherwise, which ``abs_max`` normalizes away). On a CPU, torch's
+``aminmax`` over a dimension is 6-16x slower than ``amin`` and ``amax`` run one after the other (torch 2.13,
+bf16 and float32, 2 cores, from [1, 14M] to [4096, 1536]: ``bench/cpu_reductions.py``), while the full
+reduction (no ``dim``) is the faster of the two; on an accelerator one ``aminmax`` pass reads the tensor once
+instead of twice.
 """
 
 from __future__ import annotations

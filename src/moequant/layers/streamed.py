@@ -129,7 +129,8 @@ def _stream(journal, model_dir, shards, recipe, fmt, calib, tokenizer, device, b
         with timed(report.stage_seconds, "capture"):
             inputs = capture_layer_inputs(model, layers[0], job.layer_path(0), batches, job.device)
     activation_bytes = sum(tensor_bytes(flat_tensors(i.__dict__)) for i in inputs)
-    sink = Skip(done) if journal is None else Journaled(job, journal, fmt, max_shard_bytes, seconds=report.stage_seconds)
+    sink = (Skip(done) if journal is None
+            else Journaled(job, journal, fmt, max_shard_bytes, seconds=report.stage_seconds))
     with ExitStack() as stack:
         source = ShardLayers(job, shards, report.stage_seconds)
         stack.callback(source.close)
